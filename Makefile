@@ -1,0 +1,33 @@
+# One-command entry points; every target creates the virtual environment first if needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/ropim_mnist.yaml
+
+.PHONY: setup pretrain test lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed  ## create .venv and install the project with its test tools
+
+pretrain: setup  ## ROPIM on the bundled MNIST digits (2 CPU cores: a few minutes)
+	$(BIN)/ropim pretrain --config $(CONFIG) $(ARGS)
+
+test: setup  ## lint, then the whole test suite (CPU, a few minutes)
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

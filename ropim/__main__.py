@@ -1,0 +1,5 @@
+import sys
+
+from ropim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""The shared encoder: any timm VisionTransformer, split at the points masking methods need."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from ropim.errors import ConfigError
+
+
+def _check_model_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models("vit_*"), n=5)
+    hint = f" Did you mean one of: {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"unknown model name {name!r} (model.name). Use a timm ViT such as "
+        f"'vit_tiny_patch16_224' or 'vit_base_patch16_224'.{hint}"
+    )
+
+
+class ViTBackbone(nn.Module):
+    """A timm ViT whose forward pass is exposed in the stages a masking method edits.
+
+    Methods change the patch tokens (ROPIM projects them, SimMIM swaps in a mask token) or the
+    token set (MAE drops tokens after position embedding); everything else stays timm's.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        img_size: int,
+        patch_size: int,
+        in_chans: int = 3,
+        drop_path: float = 0.0,
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        _check_model_name(name)
+        if img_size <= 0 or patch_size <= 0 or img_size % patch_size:
+            raise ConfigError(
+                f"model.img_size={img_size} is not divisible by model.patch_size={patch_size}; "
+                f"pick an image size that is a multiple of the patch size "
+                f"(e.g. {max(patch_size, img_size // patch_size * patch_size)})"
+            )
+        self.name = name
+        try:
+            vit = timm.create_model(
+                name,
+                pretrained=False,
+                img_size=img_size,
+                patch_size=patch_size,
+                in_chans=in_chans,
+                num_classes=0,
+                drop_path_rate=drop_path,
+                **model_kwargs,
+            )
+        except TypeError as exc:
+            raise ConfigError(
+                f"model.name={name!r} cannot be built as a plain ViT with img_size/patch_size "
+                f"and model.kwargs={model_kwargs!r}: {exc}. It is not a plain timm "
+                f"VisionTransformer, or a kwarg is wrong."
+            ) from None
+        if not isinstance(vit, VisionTransformer):
+            raise ConfigError(
+                f"model.name={name!r} builds a {type(vit).__name__}, not a plain timm "
+                f"VisionTransformer; choose a 'vit_*' model"
+            )
+        self.vit = vit
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.grid: tuple[int, int] = tuple(vit.patch_embed.grid_size)  # type: ignore[assignment]
+        self.num_tokens = self.grid[0] * self.grid[1]
+        self.embed_dim: int = vit.embed_dim
+        self.num_prefix_tokens: int = vit.num_prefix_tokens
+
+    def embed_patches(self, images: Tensor) -> Tensor:
+        """Patch embeddings ``Φ`` of shape ``(B, N, D)``: before cls token and positions."""
+        if images.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"backbone built for {self.img_size}px images, got {tuple(images.shape[-2:])}"
+            )
+        return self.vit.patch_embed(images)
+
+    def add_position(self, tokens: Tensor) -> Tensor:
+        """Prepend cls/register tokens and add position information to all N tokens."""
+        return self.vit._pos_embed(tokens)
+
+    def run_blocks(self, sequence: Tensor) -> Tensor:
+        """Transformer blocks and final norm over a (possibly shortened) token sequence."""
+        x = self.vit.norm_pre(sequence)
+        x = self.vit.blocks(x)
+        return self.vit.norm(x)
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        """Encoder output for the ``N`` patch tokens (prefix tokens dropped)."""
+        return self.run_blocks(self.add_position(tokens))[:, self.num_prefix_tokens :]
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Plain (unmasked) patch features, as downstream tasks use them."""
+        return self.encode(self.embed_patches(images))
+
+    @torch.no_grad()
+    def pooled_features(self, images: Tensor) -> Tensor:
+        """Average-pooled patch features for probes."""
+        return self.forward(images).mean(dim=1)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this module) excluded from weight decay besides 1-D ones."""
+        return {f"vit.{n}" for n in self.vit.no_weight_decay()}

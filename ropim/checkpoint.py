@@ -1,0 +1,138 @@
+"""Checkpoints: weights in safetensors, training state through Fabric, written atomically.
+
+Layout: ``<run>/checkpoints/step_<n>/{model.safetensors,state.pt}`` plus ``latest`` naming the
+newest complete one. A crash mid-write leaves the previous checkpoint and ``latest`` intact.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ropim.errors import CheckpointError
+
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+
+
+def architecture_signature(method: nn.Module) -> dict[str, str]:
+    """What must match for weights to load: method, timm model, sizes, parameter count."""
+    backbone = method.backbone  # type: ignore[attr-defined]
+    vit = backbone.vit
+    return {
+        "method": str(method.name),  # type: ignore[attr-defined]
+        "model": backbone.name,
+        "img_size": str(backbone.img_size),
+        "patch_size": str(backbone.patch_size),
+        "in_chans": str(backbone.in_chans),
+        "embed_dim": str(backbone.embed_dim),
+        "depth": str(len(vit.blocks)),
+        "num_parameters": str(sum(p.numel() for p in method.parameters())),
+    }
+
+
+def save_weights(module: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; never unpickles anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint weights not found: {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+
+
+def load_weights(module: nn.Module, path: str | Path) -> dict[str, str]:
+    """Load weights saved by :func:`save_weights`, refusing another architecture by name."""
+    tensors, metadata = read_weights(path)
+    expected = architecture_signature(module)
+    differences = [
+        f"{key}: checkpoint {metadata[key]!r} vs. this config {value!r}"
+        for key, value in expected.items()
+        if key in metadata and metadata[key] != value
+    ]
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {path} is from another architecture ({'; '.join(differences)})"
+        )
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    return metadata
+
+
+class CheckpointDir:
+    """The checkpoints of one run."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 2) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = max(1, keep)
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        if not (path / WEIGHTS_FILE).is_file() or not (path / STATE_FILE).is_file():
+            raise CheckpointError(
+                f"{pointer} names {path}, which is incomplete; delete {pointer} to restart"
+            )
+        return path
+
+    def save(
+        self,
+        fabric: Any,
+        step: int,
+        module: nn.Module,
+        state: dict[str, Any],
+        metadata: dict[str, str],
+    ) -> Path:
+        """Write ``step_<n>`` (rank 0 writes weights; Fabric writes the training state)."""
+        final = self.root / f"step_{step:08d}"
+        staging = self.root / f".staging_step_{step:08d}"
+        if fabric.global_rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            save_weights(module, staging / WEIGHTS_FILE, metadata | {"step": str(step)})
+        fabric.barrier()
+        fabric.save(staging / STATE_FILE, state)
+        fabric.barrier()
+        if fabric.global_rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            tmp = self.root / "latest.tmp"
+            tmp.write_text(final.name)
+            os.replace(tmp, self.root / "latest")
+            self._prune()
+        fabric.barrier()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted(self.root.glob("step_*"))
+        for old in steps[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, fabric: Any, path: Path, module: nn.Module, state: dict[str, Any]) -> dict:
+        """Restore weights into ``module`` and the training state in place; returns leftovers."""
+        load_weights(module, path / WEIGHTS_FILE)
+        return fabric.load(path / STATE_FILE, state, weights_only=True)
+

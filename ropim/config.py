@@ -1,0 +1,201 @@
+"""Typed run configuration: YAML file + ``key.sub=value`` overrides, unknown keys rejected."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ropim.errors import ConfigError
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class ModelSection:
+    name: str = "vit_base_patch16_224"
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    drop_path: float = 0.1
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+
+
+@dataclass
+class DataSection:
+    dataset: str = "mnist"  # "mnist" (bundled) or "imagefolder"
+    root: str | None = None  # imagefolder: folder holding <split>/<class>/*.jpg
+    split: str = "train"
+    val_fraction: float = 0.2  # mnist: share of the 5,000 digits held out (fixed split)
+    limit: int | None = None  # use only the first N images (quick tests)
+    crop_scale: list[float] = field(default_factory=lambda: [0.67, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
+    hflip: float = 0.5
+    interpolation: str = "bicubic"
+    mean: list[float] | None = None  # None: the dataset's own statistics
+    std: list[float] | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class TrainSection:
+    epochs: float = 10
+    batch_size: int = 128  # per device
+    base_lr: float | None = None  # None: the method's recipe
+    lr_batch_divisor: int | None = None
+    warmup_epochs: float | None = None
+    min_lr: float = 1e-6
+    weight_decay: float | None = None
+    betas: list[float] | None = None
+    clip_grad: float | None = None
+    precision: str = "auto"  # auto: bf16-mixed on CUDA, 32-true on CPU
+    accelerator: str = "auto"
+    checkpoint_every: int = 200  # steps
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    reconstruction_images: int = 8
+
+
+@dataclass
+class ProbeSection:
+    enabled: bool = False  # logistic-regression probe vs. random init after pre-training
+    max_iter: int = 2000
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "ropim"})
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field annotation, converting the few safe cases."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if annotation is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (inner,) = typing.get_args(annotation)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported setting type {annotation!r}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; allowed under "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} must be a mapping, got {value!r}")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, value = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(value) if value != "" else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"cannot set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = apply_overrides(raw, list(overrides or []))
+    return _build(Config, raw, "")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

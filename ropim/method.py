@@ -1,0 +1,100 @@
+"""The interface every masking method implements; the harness only ever talks to this."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ropim.backbone import ViTBackbone
+from ropim.patches import patchify, unpatchify
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method's published optimisation choices; the harness uses them unless overridden."""
+
+    base_lr: float
+    lr_batch_divisor: int  # lr = base_lr · total_batch / lr_batch_divisor
+    warmup_epochs: float
+    betas: tuple[float, float]
+    weight_decay: float = 0.05
+    clip_grad: float | None = None
+    source: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MethodOutput(NamedTuple):
+    loss: Tensor
+    prediction: Tensor  # (B, N, p·p·C) pixels of the normalised image, per token
+    state: Any  # whatever prepare() drew for this batch (a sketch, a mask, ...)
+
+
+class MaskingMethod(nn.Module, ABC):
+    """Prepare the encoder input from patch embeddings, then score the prediction.
+
+    Subclasses set ``name`` (the config name, equal to the file's name) and ``recipe``, and
+    implement :meth:`prepare`, :meth:`decode`, :meth:`loss` and :meth:`encoder_view`.
+    Override :meth:`encode` only when the encoder must see a different token set.
+    """
+
+    name: ClassVar[str] = ""
+    recipe: ClassVar[Recipe]
+
+    def __init__(self, backbone: ViTBackbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.settings: dict[str, Any] = {}  # filled by the registry with the resolved arguments
+
+    @property
+    def patch_size(self) -> int:
+        return self.backbone.patch_size
+
+    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Training loss for a batch of normalised images."""
+        return self.compute(images, generator).loss
+
+    def compute(self, images: Tensor, generator: torch.Generator | None = None) -> MethodOutput:
+        target = patchify(images, self.patch_size)
+        tokens, state = self.prepare(self.backbone.embed_patches(images), generator)
+        prediction = self.decode(self.encode(tokens, state), state)
+        return MethodOutput(self.loss(prediction, target, state), prediction, state)
+
+    @abstractmethod
+    def prepare(
+        self, patch_tokens: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Any]:
+        """Turn patch embeddings ``(B, N, D)`` into the encoder's input tokens plus state."""
+
+    def encode(self, tokens: Tensor, state: Any) -> Tensor:
+        return self.backbone.encode(tokens)
+
+    @abstractmethod
+    def decode(self, features: Tensor, state: Any) -> Tensor:
+        """Predict ``(B, N, p·p·C)`` pixels from the encoder output."""
+
+    @abstractmethod
+    def loss(self, prediction: Tensor, target: Tensor, state: Any) -> Tensor:
+        """Scalar loss from per-token predictions and per-token targets."""
+
+    @abstractmethod
+    def encoder_view(self, images: Tensor, state: Any) -> Tensor:
+        """What the encoder was shown, rendered in pixel space, for the reconstruction figure."""
+
+    def to_images(self, tokens: Tensor) -> Tensor:
+        """Per-token pixel vectors back to ``(B, C, H, W)``."""
+        return unpatchify(tokens, self.patch_size, self.backbone.grid, self.backbone.in_chans)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names excluded from weight decay besides biases/norms: positions, cls, mask tokens."""
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+
+def linear_pixel_head(backbone: ViTBackbone) -> nn.Linear:
+    """One linear layer per token, ``D → p²·C`` (1×1 conv + PixelShuffle in the papers)."""
+    return nn.Linear(backbone.embed_dim, backbone.patch_size**2 * backbone.in_chans)

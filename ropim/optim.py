@@ -1,0 +1,76 @@
+"""Optimiser and schedule: AdamW without decay on biases/norms/positions, warmup + cosine."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+
+from ropim.config import TrainSection
+from ropim.method import MaskingMethod, Recipe
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """The resolved values a run trained with (recorded in ``run.json``)."""
+
+    base_lr: float
+    lr_batch_divisor: int
+    total_batch: int
+    lr: float  # base_lr · total_batch / lr_batch_divisor
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    betas: tuple[float, float]
+    clip_grad: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve(train: TrainSection, recipe: Recipe, world_size: int) -> OptimSettings:
+    """Config values win; anything left unset comes from the method's published recipe."""
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    base_lr = pick(train.base_lr, recipe.base_lr)
+    divisor = pick(train.lr_batch_divisor, recipe.lr_batch_divisor)
+    total_batch = train.batch_size * world_size
+    return OptimSettings(
+        base_lr=base_lr,
+        lr_batch_divisor=divisor,
+        total_batch=total_batch,
+        lr=base_lr * total_batch / divisor,
+        min_lr=train.min_lr,
+        warmup_epochs=pick(train.warmup_epochs, recipe.warmup_epochs),
+        weight_decay=pick(train.weight_decay, recipe.weight_decay),
+        betas=tuple(pick(train.betas, recipe.betas)),  # type: ignore[arg-type]
+        clip_grad=pick(train.clip_grad, recipe.clip_grad),
+    )
+
+
+def build_optimizer(method: MaskingMethod, settings: OptimSettings) -> torch.optim.AdamW:
+    groups = param_groups_weight_decay(
+        method, settings.weight_decay, no_weight_decay_list=method.no_weight_decay()
+    )
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, settings: OptimSettings, total_steps: int, warmup_steps: int
+) -> CosineLRScheduler:
+    """Per-step linear warmup, then a half-cycle cosine down to ``min_lr``."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(total_steps - warmup_steps, 1),
+        lr_min=settings.min_lr,
+        warmup_t=warmup_steps,
+        warmup_lr_init=settings.min_lr if warmup_steps else 0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )

@@ -1,0 +1,24 @@
+"""Tiny shared settings: a 2-block, 32-wide ViT on 28-px digits keeps each test in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ropim.backbone import ViTBackbone
+
+TINY_MODEL = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TINY_CONFIG = PROJECT_ROOT / "configs" / "ropim_tiny.yaml"  # the same model, for whole runs
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+
+
+def tiny_backbone(img_size: int = 28, patch_size: int = 7, **kw) -> ViTBackbone:
+    torch.manual_seed(0)
+    return ViTBackbone("vit_tiny_patch16_224", img_size, patch_size, **(TINY_MODEL | kw))

@@ -1,0 +1,43 @@
+import pytest
+
+from ropim.config import load_config
+from ropim.errors import ConfigError
+
+
+def test_yaml_and_overrides_resolve_with_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run: {name: a}\ntrain: {epochs: 3}\nmethod: {name: ropim, ratio: 0.2}\n")
+    cfg = load_config(path, ["train.base_lr=1e-3", "train.epochs=5", "method.ratio=0.3",
+                             "model.kwargs={depth: 2}"])
+    assert cfg.run.name == "a"
+    assert cfg.train.epochs == 5.0
+    assert cfg.train.base_lr == pytest.approx(1e-3)  # YAML 1.1 reads 1e-3 as a string
+    assert cfg.method == {"name": "ropim", "ratio": 0.3}
+    assert cfg.model.kwargs == {"depth": 2}
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.epoch=3", "unknown config key train.epoch"),
+        ("trian.epochs=3", "unknown config key trian"),
+        ("train.batch_size=abc", "train.batch_size must be an integer"),
+        ("probe.enabled=maybe", "probe.enabled must be true or false"),
+        ("train.epochs", "must look like key.sub=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"):
+        load_config(path)

@@ -1,0 +1,131 @@
+"""Whole pre-training runs on the tiny preset: artefacts, resume after a crash, torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ropim.checkpoint import load_weights
+from ropim.config import load_config
+from ropim.errors import CheckpointError, ConfigError
+from ropim.registry import build_method
+from ropim.trainer import CRASH_ENV, build_encoder, pretrain
+from tests.conftest import PROJECT_ROOT, TINY_CONFIG, tiny_backbone
+
+
+def _cli(out: Path, name: str, *extra: str, env: dict | None = None, launcher=None):
+    launcher = launcher or [sys.executable, "-m", "ropim"]
+    cmd = [*launcher, "pretrain", "--config", str(TINY_CONFIG), f"run.output_dir={out}",
+           f"run.name={name}", *extra]
+    return subprocess.run(
+        cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})},
+    )
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run_dir / "checkpoints" / latest / "model.safetensors"))
+
+
+def test_tiny_run_writes_every_artefact(tmp_path):
+    cfg = load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}", "train.epochs=2"])
+    run_dir = pretrain(cfg)
+    assert (run_dir / "config.yaml").is_file()
+    assert load_config(run_dir / "config.yaml") == cfg
+
+    with (run_dir / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == list(range(2, 17, 2))
+    assert all(float(r["images_per_s"]) > 0 and float(r["lr"]) > 0 for r in rows)
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "finished" and record["steps"] == 16
+    assert record["seed"] == 0 and record["world_size"] == 1
+    assert record["method"] == {"name": "ropim", "ratio": 0.25, "scaling": "exact"}
+    assert record["optim"]["lr"] == pytest.approx(1e-3 * 32 / 512)
+    assert record["images_per_s"] > 0 and record["wall_time_s"] > 0
+    assert record["libraries"]["torch"].startswith("2.14")
+    assert "git_commit" in record["code"] and "cpu_count" in record["hardware"]
+
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert [c.name for c in checkpoints] == ["step_00000015", "step_00000016"]  # keep 2
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000016"
+    state = torch.load(checkpoints[-1] / "state.pt", weights_only=True)
+    assert state["step"] == 16 and "optimizer" in state and "scheduler" in state
+
+    fresh = build_method(cfg.method, build_encoder(cfg))
+    metadata = load_weights(fresh, checkpoints[-1] / "model.safetensors")
+    assert metadata["step"] == "16" and metadata["method"] == "ropim"
+    with Image.open(run_dir / "reconstructions.png") as image:
+        assert image.size[0] > 100 and image.size[1] > 100
+
+
+def test_checkpoint_from_another_architecture_is_refused(tmp_path):
+    cfg = load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}", "train.epochs=0.2"])
+    run_dir = pretrain(cfg)
+    other = build_method({"name": "ropim"}, tiny_backbone(depth=3))
+    with pytest.raises(CheckpointError, match="another architecture .*depth: checkpoint '2'"):
+        load_weights(other, run_dir / "checkpoints" / "step_00000002" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(b"garbage")
+        load_weights(other, bad)
+    with pytest.raises(ConfigError, match="already holds checkpoints; pass --resume"):
+        pretrain(cfg)
+    changed = load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}", "train.epochs=0.5"])
+    with pytest.raises(ConfigError, match="different config .*train.epochs"):
+        pretrain(changed, resume=True)
+
+
+def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path):
+    straight = _cli(tmp_path, "straight")
+    assert straight.returncode == 0, straight.stderr
+    crashed = _cli(tmp_path, "crashed", env={CRASH_ENV: "5"})
+    assert crashed.returncode == 3, crashed.stderr  # hard exit after step 5; last ckpt: 3
+    assert (tmp_path / "crashed/checkpoints/latest").read_text() == "step_00000003"
+    resumed = _cli(tmp_path, "crashed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout + resumed.stderr and "from step 3" in resumed.stdout
+
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "crashed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "crashed/metrics.csv").open())]
+    assert steps == sorted(set(steps)) and steps[-1] == 8
+    record = json.loads((tmp_path / "crashed/run.json").read_text())
+    assert record["status"] == "finished" and record["steps"] == 8
+
+
+def test_torchrun_two_cpu_processes_end_with_identical_weights(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "ropim"]
+    result = _cli(tmp_path, "ddp", env={"OMP_NUM_THREADS": "1"}, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "ddp/run.json").read_text())
+    assert record["world_size"] == 2
+    assert record["optim"]["total_batch"] == 64
+    assert record["steps"] == 4  # 256 images / (2 ranks x 32)
+    digests = record["weights_sha256_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path):
+    result = _cli(tmp_path, "bad", "model.img_size=30")
+    assert result.returncode == 2
+    assert "error: model.img_size=30 is not divisible by model.patch_size=7" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = _cli(tmp_path, "bad", "data.dataset=imagefolder", f"data.root={tmp_path}/none")
+    assert result.returncode == 2 and "dataset folder not found" in result.stderr
+    result = _cli(tmp_path, "bad", "method.name=nosuch")
+    assert result.returncode == 2 and "unknown method name 'nosuch'" in result.stderr
