@@ -107,9 +107,13 @@ class ViTBackbone(nn.Module):
         return self.encode(self.embed_patches(images))
 
     @torch.no_grad()
-    def pooled_features(self, images: Tensor) -> Tensor:
-        """Average-pooled patch features for probes."""
-        return self.forward(images).mean(dim=1)
+    def pooled_features(self, images: Tensor) -> dict[str, Tensor]:
+        """Final-layer features for probes: the cls token (MAE's probe) and the patch average."""
+        sequence = self.run_blocks(self.add_position(self.embed_patches(images)))
+        features = {"avg": sequence[:, self.num_prefix_tokens :].mean(dim=1)}
+        if self.vit.cls_token is not None:
+            features["cls"] = sequence[:, 0]
+        return features
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this module) excluded from weight decay besides 1-D ones."""

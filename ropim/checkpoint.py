@@ -135,4 +135,3 @@ class CheckpointDir:
         """Restore weights into ``module`` and the training state in place; returns leftovers."""
         load_weights(module, path / WEIGHTS_FILE)
         return fabric.load(path / STATE_FILE, state, weights_only=True)
-

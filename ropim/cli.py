@@ -1,4 +1,4 @@
-"""``ropim pretrain --config FILE [key=value ...] [--resume]`` and ``ropim methods``."""
+"""``ropim pretrain --config FILE [key=value ...] [--resume]``, ``bench-step``, ``methods``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def _parser() -> argparse.ArgumentParser:
         "--method-dir", action="append", default=[], help="extra folder holding <method>.py files"
     )
     pre.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.epochs=5")
+    bench = sub.add_parser("bench-step", help="time training steps (images/s, peak memory)")
+    bench.add_argument("--config", "-c", required=True)
+    bench.add_argument("--steps", type=int, default=10)
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("overrides", nargs="*")
     methods = sub.add_parser("methods", help="list the masking methods that can be selected")
     methods.add_argument("--method-dir", action="append", default=[])
     return parser
@@ -32,9 +37,17 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(available_methods(args.method_dir)))
             return 0
         from ropim.config import load_config
-        from ropim.trainer import pretrain
 
         cfg = load_config(args.config, args.overrides)
+        if args.command == "bench-step":
+            import json
+
+            from ropim.bench import bench_step
+
+            print(json.dumps(bench_step(cfg, args.warmup, args.steps), indent=2))
+            return 0
+        from ropim.trainer import pretrain
+
         pretrain(cfg, resume=args.resume, method_dirs=tuple(args.method_dir))
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

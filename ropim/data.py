@@ -212,9 +212,9 @@ def epoch_batches(
     start_batch: int = 0,
 ) -> list[list[int]]:
     """This rank's batches of one epoch; ``start_batch`` skips batches already trained on."""
-    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(
-        derive_seed(seed, "order", epoch)
-    ))
+    order = torch.randperm(
+        num_items, generator=torch.Generator().manual_seed(derive_seed(seed, "order", epoch))
+    )
     per_rank = num_items // world_size
     mine = order[: per_rank * world_size][rank::world_size]
     count = per_rank // batch_size

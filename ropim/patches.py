@@ -6,7 +6,7 @@ from torch import Tensor
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
-    """``(B, C, H, W)`` → ``(B, N, p·p·C)``, tokens in row-major grid order like ViT patch embeds."""
+    """``(B, C, H, W)`` → ``(B, N, p·p·C)``, tokens in the row-major order of ViT patch embeds."""
     b, c, h, w = images.shape
     p = patch_size
     if h % p or w % p:

@@ -1,7 +1,8 @@
-"""A quick linear probe: logistic regression on frozen, average-pooled encoder features.
+"""A quick linear probe: logistic regression on frozen final-layer encoder features.
 
-Used right after pre-training as a sanity check that the encoder learned something: the same
-probe on the same architecture at its random initialisation is the bar to beat.
+Used right after pre-training as a check that the encoder learned something: the same probe on
+the same architecture at its random initialisation is the bar to beat. Two features are probed,
+the cls token (MAE's linear-probe feature) and the average of the patch tokens.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from ropim.backbone import ViTBackbone
 @torch.no_grad()
 def extract_features(
     backbone: ViTBackbone, dataset: Dataset, device: torch.device, batch_size: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     was_training = backbone.training
     backbone.eval()
-    features, labels = [], []
+    features: dict[str, list[torch.Tensor]] = {}
+    labels = []
     for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        features.append(backbone.pooled_features(images.to(device)).float().cpu())
+        for kind, values in backbone.pooled_features(images.to(device)).items():
+            features.setdefault(kind, []).append(values.float().cpu())
         labels.append(torch.as_tensor(targets))
     backbone.train(was_training)
-    return torch.cat(features).numpy(), torch.cat(labels).numpy()
+    return {k: torch.cat(v).numpy() for k, v in features.items()}, torch.cat(labels).numpy()
 
 
 def probe_accuracy(
@@ -36,10 +39,13 @@ def probe_accuracy(
     val_set: Dataset,
     device: torch.device,
     max_iter: int = 2000,
-) -> float:
-    """Held-out accuracy of a logistic-regression probe trained on ``train_set`` features."""
+) -> dict[str, float]:
+    """Held-out accuracy per feature kind (``cls``, ``avg``) of a logistic-regression probe."""
     x_train, y_train = extract_features(backbone, train_set, device)
     x_val, y_val = extract_features(backbone, val_set, device)
-    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
-    classifier.fit(x_train, y_train)
-    return float(classifier.score(x_val, y_val))
+    accuracy = {}
+    for kind in x_train:
+        classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+        classifier.fit(x_train[kind], y_train)
+        accuracy[kind] = float(classifier.score(x_val[kind], y_val))
+    return accuracy

@@ -89,9 +89,9 @@ def build_method(
         bound = signature.bind(None, backbone, **settings)
     except TypeError as exc:
         allowed = [p for p in signature.parameters if p not in ("self", "backbone")]
-        raise ConfigError(
-            f"bad settings for method {name!r}: {exc}. Allowed keys: method.{', method.'.join(allowed)}"
-        ) from None
+        keys = ", ".join(f"method.{key}" for key in allowed)
+        message = f"bad settings for method {name!r}: {exc}. Allowed keys: {keys}"
+        raise ConfigError(message) from None
     bound.apply_defaults()
     try:
         method = cls(backbone, **settings)

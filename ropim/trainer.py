@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -17,7 +16,6 @@ import torch.distributed as dist
 import yaml
 from lightning_fabric import Fabric
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ropim.backbone import ViTBackbone
 from ropim.checkpoint import CheckpointDir, architecture_signature
@@ -35,6 +33,7 @@ from ropim.errors import ConfigError
 from ropim.method import MaskingMethod
 from ropim.optim import build_optimizer, build_scheduler, resolve
 from ropim.probe import probe_accuracy
+from ropim.progress import ProgressDisplay
 from ropim.registry import build_method
 from ropim.run_record import MetricsLog, code_version, hardware, library_versions, write_json
 from ropim.seeding import derive_seed, make_generator
@@ -43,13 +42,19 @@ from ropim.visualize import save_reconstructions
 CRASH_ENV = "ROPIM_CRASH_AFTER_STEP"  # test hook: hard-exit right after this step
 
 
-def make_fabric(accelerator: str = "auto", precision: str = "auto") -> Fabric:
-    """One process per device; under torchrun the world comes from its environment."""
+def resolve_device(accelerator: str = "auto", precision: str = "auto") -> tuple[str, str]:
+    """``auto`` means CUDA with bf16 autocast where available, else fp32 on the CPU."""
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     if precision == "auto":
         use_bf16 = accelerator == "cuda" and torch.cuda.is_bf16_supported()
         precision = "bf16-mixed" if use_bf16 else "32-true"
+    return accelerator, precision
+
+
+def make_fabric(accelerator: str = "auto", precision: str = "auto") -> Fabric:
+    """One process per device; under torchrun the world comes from its environment."""
+    accelerator, precision = resolve_device(accelerator, precision)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     fabric = Fabric(
@@ -168,9 +173,7 @@ def pretrain(
         "architecture": signature,
         "dataset": {"name": cfg.data.dataset, "root": cfg.data.root, "images": len(views)},
         "world_size": world,
-        "precision": str(fabric._precision.precision)
-        if hasattr(fabric._precision, "precision")
-        else cfg.train.precision,
+        "precision": resolve_device(cfg.train.accelerator, cfg.train.precision)[1],
         "device": str(fabric.device),
         "steps_per_epoch": per_epoch,
         "total_steps": total_steps,
@@ -187,8 +190,20 @@ def pretrain(
     fabric.barrier()
 
     _train_loop(
-        cfg, fabric, model, method, optimizer, scheduler, views, checkpoints, metrics,
-        progress, per_epoch, total_steps, signature, settings.clip_grad,
+        cfg,
+        fabric,
+        model,
+        method,
+        optimizer,
+        scheduler,
+        views,
+        checkpoints,
+        metrics,
+        progress,
+        per_epoch,
+        total_steps,
+        signature,
+        settings.clip_grad,
     )
 
     digests = _gather(weights_digest(method))
@@ -237,16 +252,7 @@ def _train_loop(
     rank, world = fabric.global_rank, fabric.world_size
     global_batch = train.batch_size * world
     crash_after = int(os.environ.get(CRASH_ENV, "0"))
-    interactive = sys.stderr.isatty()
-    bar = tqdm(
-        total=total_steps,
-        initial=progress.step,
-        disable=rank != 0,
-        desc=f"{method.name} pre-train",
-        unit="step",
-        mininterval=0.5 if interactive else 15.0,
-        dynamic_ncols=True,
-    )
+    bar = ProgressDisplay(total_steps, progress.step, f"{method.name} pre-train", rank == 0)
     model.train()
     window_loss = torch.zeros((), device=fabric.device)
     window_steps = 0
@@ -255,7 +261,12 @@ def _train_loop(
         epoch = progress.step // per_epoch
         views.set_epoch(epoch)
         batches = epoch_batches(
-            len(views), train.batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world,
+            len(views),
+            train.batch_size,
+            seed=seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world,
             start_batch=progress.step % per_epoch,
         )
         loader = fabric.setup_dataloaders(
@@ -282,7 +293,7 @@ def _train_loop(
             progress.images_seen += global_batch
             window_loss += loss.detach().float()
             window_steps += 1
-            bar.update(1)
+            bar.advance()
             last = progress.step >= total_steps
             if progress.step % train.log_every == 0 or last:
                 mean_loss = float(fabric.all_reduce(window_loss / window_steps, reduce_op="mean"))
@@ -296,7 +307,7 @@ def _train_loop(
                 progress.train_time_s += elapsed
                 throughput = window_steps * global_batch / max(elapsed, 1e-9)
                 lr = optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{throughput:.0f}")
+                bar.report(mean_loss, lr, throughput)
                 if rank == 0:
                     metrics.append(
                         {
@@ -344,25 +355,29 @@ def _write_reconstructions(
     save_reconstructions(method, batch, run_dir / "reconstructions.png", mean, std, generator)
 
 
-def _run_probe(cfg: Config, method: MaskingMethod, fabric: Fabric) -> dict[str, float]:
+def _run_probe(cfg: Config, method: MaskingMethod, fabric: Fabric) -> dict[str, Any]:
     transform = eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans)
     train_set = SeededViews(load_images(cfg.data, "train"), transform, cfg.run.seed)
     val_set = SeededViews(load_images(cfg.data, "val"), transform, cfg.run.seed)
-    pretrained = probe_accuracy(
-        method.backbone, train_set, val_set, fabric.device, cfg.probe.max_iter
-    )
+    device = fabric.device
+    pretrained = probe_accuracy(method.backbone, train_set, val_set, device, cfg.probe.max_iter)
     random_init = probe_accuracy(
-        build_encoder(cfg).to(fabric.device), train_set, val_set, fabric.device,
-        cfg.probe.max_iter,
+        build_encoder(cfg).to(device), train_set, val_set, device, cfg.probe.max_iter
     )
-    result = {
+    fabric.print(
+        f"linear probe (logistic regression, frozen final layer) on {len(val_set)} held-out "
+        f"images, trained on {len(train_set)}:"
+    )
+    names = {"cls": "cls token", "avg": "avg-pooled patch tokens"}
+    for kind in pretrained:
+        gain = (pretrained[kind] - random_init[kind]) * 100
+        fabric.print(
+            f"  {names[kind]:<24} pre-trained {pretrained[kind]:.2%} | random init "
+            f"{random_init[kind]:.2%} | {gain:+.1f} points"
+        )
+    return {
         "pretrained_accuracy": pretrained,
         "random_init_accuracy": random_init,
         "train_images": len(train_set),
         "val_images": len(val_set),
     }
-    fabric.print(
-        f"linear probe on held-out images ({len(val_set)}): pre-trained {pretrained:.2%} vs. "
-        f"random init {random_init:.2%} ({(pretrained - random_init) * 100:+.1f} points)"
-    )
-    return result

@@ -42,7 +42,7 @@ def save_reconstructions(
     n = images.shape[0]
     fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.4 * len(rows)), squeeze=False)
     for r, (label, batch) in enumerate(rows.items()):
-        shown = _to_display(batch.float().cpu(), mean, std)
+        shown = _to_display(batch.float().cpu(), mean, std).numpy()
         for c in range(n):
             ax = axes[r][c]
             image = shown[c]

@@ -7,8 +7,10 @@ from ropim.errors import ConfigError
 def test_yaml_and_overrides_resolve_with_types(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("run: {name: a}\ntrain: {epochs: 3}\nmethod: {name: ropim, ratio: 0.2}\n")
-    cfg = load_config(path, ["train.base_lr=1e-3", "train.epochs=5", "method.ratio=0.3",
-                             "model.kwargs={depth: 2}"])
+    cfg = load_config(
+        path,
+        ["train.base_lr=1e-3", "train.epochs=5", "method.ratio=0.3", "model.kwargs={depth: 2}"],
+    )
     assert cfg.run.name == "a"
     assert cfg.train.epochs == 5.0
     assert cfg.train.base_lr == pytest.approx(1e-3)  # YAML 1.1 reads 1e-3 as a string

@@ -24,10 +24,21 @@ from tests.conftest import PROJECT_ROOT, TINY_CONFIG, tiny_backbone
 
 def _cli(out: Path, name: str, *extra: str, env: dict | None = None, launcher=None):
     launcher = launcher or [sys.executable, "-m", "ropim"]
-    cmd = [*launcher, "pretrain", "--config", str(TINY_CONFIG), f"run.output_dir={out}",
-           f"run.name={name}", *extra]
+    cmd = [
+        *launcher,
+        "pretrain",
+        "--config",
+        str(TINY_CONFIG),
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        *extra,
+    ]
     return subprocess.run(
-        cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+        cmd,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})},
     )
 
@@ -108,8 +119,15 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path):
 
 
 def test_torchrun_two_cpu_processes_end_with_identical_weights(tmp_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2", "-m", "ropim"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "ropim",
+    ]
     result = _cli(tmp_path, "ddp", env={"OMP_NUM_THREADS": "1"}, launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "ddp/run.json").read_text())

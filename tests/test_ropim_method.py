@@ -23,7 +23,9 @@ def test_loss_gradient_has_no_component_in_sketch_subspace():
     torch.testing.assert_close(s.transpose(1, 2) @ grad, torch.zeros(3, s.shape[2], grad.shape[2]))
     # Equivalently: adding anything inside span(S) to the prediction leaves the loss unchanged.
     shift = s @ torch.randn(3, s.shape[2], grad.shape[2])
-    torch.testing.assert_close(method.loss(prediction + shift, patchify(images, 7), out.state), loss)
+    torch.testing.assert_close(
+        method.loss(prediction + shift, patchify(images, 7), out.state), loss
+    )
 
 
 def test_encoder_input_is_projected_patch_embedding():
@@ -72,8 +74,9 @@ def test_patchify_roundtrip():
     images = torch.randn(2, 3, 28, 28)
     assert torch.equal(unpatchify(patchify(images, 7), 7, (4, 4), 3), images)
     # token 1 is the second patch of the first row
-    assert torch.equal(patchify(images, 7)[:, 1].reshape(2, 7, 7, 3).permute(0, 3, 1, 2),
-                       images[:, :, :7, 7:14])
+    assert torch.equal(
+        patchify(images, 7)[:, 1].reshape(2, 7, 7, 3).permute(0, 3, 1, 2), images[:, :, :7, 7:14]
+    )
 
 
 def test_ropim_is_registered_and_validated():

@@ -1,0 +1,10 @@
+from ropim.bench import bench_step
+from ropim.config import load_config
+from tests.conftest import TINY_CONFIG
+
+
+def test_bench_step_reports_speed_of_real_training_steps():
+    result = bench_step(load_config(TINY_CONFIG), warmup=1, steps=2)
+    assert result["method"] == "ropim" and result["device"] == "cpu"
+    assert result["images_per_s"] > 0 and result["step_ms"] > 0
+    assert result["batch_size"] == 32 and result["timed_steps"] == 2
