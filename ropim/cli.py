@@ -1,4 +1,4 @@
-"""``ropim pretrain --config FILE [key=value ...] [--resume]``, ``bench-step``, ``methods``."""
+"""``ropim pretrain|compare --config FILE [key=value ...]``, ``bench-step``, ``methods``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,20 @@ def _parser() -> argparse.ArgumentParser:
         "--method-dir", action="append", default=[], help="extra folder holding <method>.py files"
     )
     pre.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.epochs=5")
+    comp = sub.add_parser("compare", help="pre-train several methods under one shared budget")
+    comp.add_argument(
+        "--config", "-c", required=True, help="a comparison config, e.g. configs/compare_mnist.yaml"
+    )
+    comp.add_argument("--methods", help="comma-separated subset of compare.methods")
+    comp.add_argument("--dry-run", action="store_true", help="check the budget and list the runs")
+    comp.add_argument("--method-dir", action="append", default=[])
+    comp.add_argument("overrides", nargs="*")
+    bp = sub.add_parser("bench-pretrain", help="step speed per method; ROPIM projection cost")
+    bp.add_argument("--config", "-c", required=True, help="a comparison config")
+    bp.add_argument("--steps", type=int, default=10)
+    bp.add_argument("--projection-batch", type=int, default=128)
+    bp.add_argument("--out", default="results/bench", help="folder for the CSV of the numbers")
+    bp.add_argument("overrides", nargs="*")
     bench = sub.add_parser("bench-step", help="time training steps (images/s, peak memory)")
     bench.add_argument("--config", "-c", required=True)
     bench.add_argument("--steps", type=int, default=10)
@@ -36,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\n".join(available_methods(args.method_dir)))
             return 0
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "bench-pretrain":
+            return _bench_pretrain(args)
         from ropim.config import load_config
 
         cfg = load_config(args.config, args.overrides)
@@ -52,6 +70,46 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _bench_pretrain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from ropim.bench import bench_pretrain
+    from ropim.compare import plan_comparison
+
+    planned = plan_comparison(args.config, args.overrides)
+    rows = bench_pretrain(planned, projection_batch=args.projection_batch, steps=args.steps)
+    table = pd.DataFrame(rows)
+    device = str(table["device_name"].iloc[0]).replace(" ", "_")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"pretrain_{device}.csv"
+    table.to_csv(path, index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        for measurement, group in table.groupby("measurement", sort=False):
+            print(f"\n{measurement}:")
+            print(
+                group.dropna(axis=1, how="all").drop(columns="measurement").to_string(index=False)
+            )
+    print(f"\nwritten: {path}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from ropim.compare import plan_comparison, run_comparison, summarize
+
+    methods = args.methods.split(",") if args.methods else None
+    planned = plan_comparison(args.config, args.overrides, methods)
+    for run in planned:
+        print(f"{run.label}: {run.config.run.output_dir}/{run.config.run.name}")
+    if args.dry_run:
+        return 0
+    run_dirs = run_comparison(planned, tuple(args.method_dir))
+    print(summarize(run_dirs))
     return 0
 
 

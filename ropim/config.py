@@ -50,6 +50,7 @@ class DataSection:
 @dataclass
 class TrainSection:
     epochs: float = 10
+    time_budget_s: float | None = None  # stop (and save) once training used this many seconds
     batch_size: int = 128  # per device
     base_lr: float | None = None  # None: the method's recipe
     lr_batch_divisor: int | None = None
@@ -194,7 +195,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     raw = apply_overrides(raw, list(overrides or []))
-    return _build(Config, raw, "")
+    return load_config_dict(raw, str(path) if path is not None else "overrides")
+
+
+def load_config_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a raw mapping; ``source`` says where it came from in error messages."""
+    try:
+        return _build(Config, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -86,6 +86,10 @@ class MaskingMethod(nn.Module, ABC):
     def encoder_view(self, images: Tensor, state: Any) -> Tensor:
         """What the encoder was shown, rendered in pixel space, for the reconstruction figure."""
 
+    def reconstruct(self, prediction: Tensor, images: Tensor, state: Any) -> Tensor:
+        """The prediction as an image in the input's normalisation (for the figure)."""
+        return self.to_images(prediction)
+
     def to_images(self, tokens: Tensor) -> Tensor:
         """Per-token pixel vectors back to ``(B, C, H, W)``."""
         return unpatchify(tokens, self.patch_size, self.backbone.grid, self.backbone.in_chans)

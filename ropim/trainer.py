@@ -116,6 +116,15 @@ class Progress:
     step: int = 0
     images_seen: int = 0
     train_time_s: float = 0.0
+    stopped_by: str = "epochs"
+
+
+def _schedule_position(step: int, total_steps: int, budget_s: float | None, used_s: float) -> int:
+    """Under a time budget the schedule follows the share of the budget used, so warmup and
+    cosine complete when the time does; otherwise it follows the step."""
+    if budget_s is None:
+        return step
+    return min(total_steps, int(total_steps * used_s / budget_s))
 
 
 def pretrain(
@@ -159,7 +168,9 @@ def pretrain(
         rest = checkpoints.load(fabric, latest, method, state)
         if rest.get("seed") != cfg.run.seed:
             raise ConfigError(f"checkpoint {latest} was trained with seed {rest.get('seed')}")
-        progress = Progress(rest["step"], rest["images_seen"], rest["train_time_s"])
+        progress = Progress(
+            rest["step"], rest["images_seen"], rest["train_time_s"], rest["stopped_by"]
+        )
         fabric.print(f"resuming {run_dir} from step {progress.step} ({latest.name})")
 
     metrics = MetricsLog(run_dir / "metrics.csv")
@@ -212,6 +223,11 @@ def pretrain(
         finished_at=datetime.now(timezone.utc).isoformat(),
         steps=progress.step,
         epochs_completed=progress.step / per_epoch,
+        budget={
+            "epochs": cfg.train.epochs,
+            "time_budget_s": cfg.train.time_budget_s,
+            "stopped_by": progress.stopped_by,
+        },
         images_seen=progress.images_seen,
         train_time_s=progress.train_time_s,
         images_per_s=progress.images_seen / max(progress.train_time_s, 1e-9),
@@ -257,7 +273,12 @@ def _train_loop(
     window_loss = torch.zeros((), device=fabric.device)
     window_steps = 0
     window_start = time.perf_counter()
-    while progress.step < total_steps:
+    budget_s = train.time_budget_s
+
+    def running_time() -> float:
+        return progress.train_time_s + time.perf_counter() - window_start
+
+    while progress.step < total_steps and progress.stopped_by != "time_budget":
         epoch = progress.step // per_epoch
         views.set_epoch(epoch)
         batches = epoch_batches(
@@ -280,7 +301,7 @@ def _train_loop(
         )
         for images, _ in loader:
             step = progress.step
-            scheduler.step_update(step)
+            scheduler.step_update(_schedule_position(step, total_steps, budget_s, running_time()))
             torch.manual_seed(derive_seed(seed, "step", step, rank))  # drop path
             generator = make_generator(fabric.device, seed, "method", step, rank)
             loss = model(images, generator)
@@ -294,7 +315,10 @@ def _train_loop(
             window_loss += loss.detach().float()
             window_steps += 1
             bar.advance()
-            last = progress.step >= total_steps
+            out_of_time = budget_s is not None and running_time() >= budget_s
+            if out_of_time:
+                progress.stopped_by = "time_budget"
+            last = progress.step >= total_steps or out_of_time
             if progress.step % train.log_every == 0 or last:
                 mean_loss = float(fabric.all_reduce(window_loss / window_steps, reduce_op="mean"))
                 if not math.isfinite(mean_loss):
@@ -330,6 +354,7 @@ def _train_loop(
                     "step": progress.step,
                     "images_seen": progress.images_seen,
                     "train_time_s": progress.train_time_s,
+                    "stopped_by": progress.stopped_by,
                     "seed": seed,
                 }
                 checkpoints.save(fabric, progress.step, method, state, signature)

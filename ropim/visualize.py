@@ -37,7 +37,7 @@ def save_reconstructions(
     rows = {
         "original": images,
         "encoder input": method.encoder_view(images, out.state),
-        "reconstruction": method.to_images(out.prediction.float()),
+        "reconstruction": method.reconstruct(out.prediction.float(), images, out.state),
     }
     n = images.shape[0]
     fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.4 * len(rows)), squeeze=False)

@@ -1,0 +1,138 @@
+"""MAE (He et al., CVPR 2022): encode 25% visible tokens, a light transformer paints the rest.
+
+Per image, a random 75% of the tokens is dropped after position embedding; the encoder runs on
+the visible tokens (plus cls) only; a transformer decoder with a learned mask token and fixed
+2-D sin-cos positions predicts every patch; MSE on the masked patches, against per-patch
+normalised pixels by default ("norm_pix_loss", as the released models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from ropim.backbone import ViTBackbone
+from ropim.method import MaskingMethod, Recipe
+from ropim.patches import patchify
+
+
+@dataclass(frozen=True)
+class TokenMask:
+    """``keep[b]`` lists image b's visible token indices; ``masked[b, i]`` is 1.0 if hidden."""
+
+    keep: Tensor  # (B, n_keep) int64
+    masked: Tensor  # (B, N) float
+
+
+def random_token_mask(
+    batch: int, tokens: int, mask_ratio: float, generator: torch.Generator | None, device
+) -> TokenMask:
+    """Shuffle each image's tokens independently; the first ``N·(1−ratio)`` stay visible."""
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must lie strictly between 0 and 1, got {mask_ratio!r}")
+    n_keep = max(1, int(tokens * (1 - mask_ratio)))
+    order = torch.rand(batch, tokens, generator=generator, device=device).argsort(dim=1)
+    keep = order[:, :n_keep].sort(dim=1).values
+    masked = torch.ones(batch, tokens, device=device)
+    masked.scatter_(1, keep, 0.0)
+    return TokenMask(keep=keep, masked=masked)
+
+
+def normalise_patches(target: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-patch mean/variance normalisation (MAE's norm_pix_loss target) and its statistics."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return (target - mean) / (var + eps).sqrt(), mean, var
+
+
+class MAE(MaskingMethod):
+    name = "mae"
+    recipe = Recipe(
+        base_lr=1.5e-4,
+        lr_batch_divisor=256,
+        warmup_epochs=40,
+        betas=(0.9, 0.95),
+        weight_decay=0.05,
+        source="MAE ViT-B pre-training (facebookresearch/mae; spec/BASELINES.md)",
+    )
+
+    def __init__(
+        self,
+        backbone: ViTBackbone,
+        mask_ratio: float = 0.75,
+        decoder_depth: int = 8,
+        decoder_dim: int = 512,
+        decoder_heads: int = 16,
+        norm_pix_loss: bool = True,
+    ) -> None:
+        super().__init__(backbone)
+        random_token_mask(1, backbone.num_tokens, mask_ratio, None, "cpu")  # validate early
+        if decoder_dim % decoder_heads:
+            raise ValueError(
+                f"decoder_dim={decoder_dim} must be divisible by decoder_heads={decoder_heads}"
+            )
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        prefix = backbone.num_prefix_tokens
+        self.decoder_embed = nn.Linear(backbone.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        positions = build_sincos2d_pos_embed(list(backbone.grid), decoder_dim)
+        positions = torch.cat([torch.zeros(prefix, decoder_dim), positions])
+        self.register_buffer("decoder_pos", positions.unsqueeze(0), persistent=False)
+        self.decoder_blocks = nn.Sequential(
+            *[Block(decoder_dim, decoder_heads, qkv_bias=True) for _ in range(decoder_depth)]
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, backbone.patch_size**2 * backbone.in_chans)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def prepare(
+        self, patch_tokens: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, TokenMask]:
+        b, n, _ = patch_tokens.shape
+        return patch_tokens, random_token_mask(
+            b, n, self.mask_ratio, generator, patch_tokens.device
+        )
+
+    def encode(self, tokens: Tensor, state: TokenMask) -> Tensor:
+        """Positions first, then drop the hidden tokens: the encoder never sees them."""
+        sequence = self.backbone.add_position(tokens)
+        prefix = self.backbone.num_prefix_tokens
+        index = state.keep.unsqueeze(-1).expand(-1, -1, sequence.shape[-1])
+        visible = torch.gather(sequence[:, prefix:], 1, index)
+        return self.backbone.run_blocks(torch.cat([sequence[:, :prefix], visible], dim=1))
+
+    def decode(self, features: Tensor, state: TokenMask) -> Tensor:
+        prefix = self.backbone.num_prefix_tokens
+        x = self.decoder_embed(features)
+        b, n = state.masked.shape
+        full = self.mask_token.to(x.dtype).expand(b, n, -1).clone()
+        index = state.keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        full = full.scatter(1, index, x[:, prefix:])
+        x = torch.cat([x[:, :prefix], full], dim=1) + self.decoder_pos.to(x.dtype)
+        x = self.decoder_norm(self.decoder_blocks(x))
+        return self.decoder_pred(x)[:, prefix:]
+
+    def _target(self, target: Tensor) -> Tensor:
+        return normalise_patches(target)[0] if self.norm_pix_loss else target
+
+    def loss(self, prediction: Tensor, target: Tensor, state: TokenMask) -> Tensor:
+        per_token = (prediction.float() - self._target(target)).pow(2).mean(dim=-1)
+        return (per_token * state.masked).sum() / state.masked.sum()
+
+    def encoder_view(self, images: Tensor, state: TokenMask) -> Tensor:
+        patches = patchify(images, self.patch_size)
+        return self.to_images(patches * (1 - state.masked).unsqueeze(-1))
+
+    def reconstruct(self, prediction: Tensor, images: Tensor, state: TokenMask) -> Tensor:
+        if self.norm_pix_loss:  # undo the per-patch normalisation with the true statistics
+            _, mean, var = normalise_patches(patchify(images, self.patch_size))
+            prediction = prediction * (var + 1e-6).sqrt() + mean
+        return self.to_images(prediction)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token"}

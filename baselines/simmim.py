@@ -1,0 +1,96 @@
+"""SimMIM (Xie et al., CVPR 2022): mask 60% of the image in 32-px blocks with a learned token.
+
+All tokens go through the encoder; masked ones are replaced by one learned mask token; a
+linear head predicts raw (mean/std-normalised) pixels; L1 on the masked pixels only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ropim.backbone import ViTBackbone
+from ropim.method import MaskingMethod, Recipe, linear_pixel_head
+from ropim.patches import patchify
+
+
+def block_mask(
+    batch: int,
+    grid: tuple[int, int],
+    block_tokens: int,
+    mask_ratio: float,
+    generator: torch.Generator | None,
+    device,
+) -> Tensor:
+    """``(B, N)`` float mask, 1.0 = hidden: ``ceil(ratio · blocks)`` whole blocks per image."""
+    rows, cols = grid[0] // block_tokens, grid[1] // block_tokens
+    blocks = rows * cols
+    count = math.ceil(blocks * mask_ratio)
+    order = torch.rand(batch, blocks, generator=generator, device=device).argsort(dim=1)
+    hidden = torch.zeros(batch, blocks, device=device)
+    hidden.scatter_(1, order[:, :count], 1.0)
+    hidden = hidden.view(batch, rows, 1, cols, 1).expand(-1, -1, block_tokens, -1, block_tokens)
+    return hidden.reshape(batch, grid[0] * grid[1])
+
+
+class SimMIM(MaskingMethod):
+    name = "simmim"
+    recipe = Recipe(
+        base_lr=1e-4,
+        lr_batch_divisor=512,
+        warmup_epochs=10,
+        betas=(0.9, 0.999),
+        weight_decay=0.05,
+        clip_grad=5.0,
+        source="SimMIM ViT-B 800-epoch config (microsoft/SimMIM; spec/BASELINES.md)",
+    )
+
+    def __init__(
+        self, backbone: ViTBackbone, mask_ratio: float = 0.6, mask_patch_size: int = 32
+    ) -> None:
+        super().__init__(backbone)
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must lie strictly between 0 and 1, got {mask_ratio!r}")
+        p = backbone.patch_size
+        if mask_patch_size % p or backbone.img_size % mask_patch_size:
+            raise ValueError(
+                f"mask_patch_size={mask_patch_size} must be a multiple of the patch size {p} "
+                f"and divide the image size {backbone.img_size}"
+            )
+        self.mask_ratio = mask_ratio
+        self.block_tokens = mask_patch_size // p
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.head = linear_pixel_head(backbone)
+
+    def prepare(
+        self, patch_tokens: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        b = patch_tokens.shape[0]
+        hidden = block_mask(
+            b,
+            self.backbone.grid,
+            self.block_tokens,
+            self.mask_ratio,
+            generator,
+            patch_tokens.device,
+        )
+        weight = hidden.unsqueeze(-1).to(patch_tokens.dtype)
+        tokens = patch_tokens * (1 - weight) + self.mask_token.to(patch_tokens.dtype) * weight
+        return tokens, hidden
+
+    def decode(self, features: Tensor, state: Tensor) -> Tensor:
+        return self.head(features)
+
+    def loss(self, prediction: Tensor, target: Tensor, state: Tensor) -> Tensor:
+        per_element = (prediction.float() - target).abs()
+        return (per_element * state.unsqueeze(-1)).sum() / (state.sum() * target.shape[-1])
+
+    def encoder_view(self, images: Tensor, state: Tensor) -> Tensor:
+        patches = patchify(images, self.patch_size)
+        return self.to_images(patches * (1 - state).unsqueeze(-1))
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token"}

@@ -1,0 +1,185 @@
+"""Run several methods under one budget, and refuse comparisons whose budgets differ.
+
+A comparison config is an ordinary run config (the shared budget: backbone, data and
+augmentation, batch size, epochs or seconds, precision) plus a ``compare`` section naming the
+methods, their own settings (masking, decoder, and their published optimiser recipe) and the
+seeds. Each (method, seed) is one run: ``<output_dir>/<compare.name>/<method>_seed<s>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ropim.config import Config, apply_overrides, load_config_dict
+from ropim.errors import ConfigError
+
+# What every run of a comparison must share; each method owns everything else.
+BUDGET_KEYS = (
+    "model",
+    "data",
+    "train.batch_size",
+    "train.epochs",
+    "train.time_budget_s",
+    "train.precision",
+    "train.accelerator",
+)
+# The optimiser values a method may set for itself (its published recipe).
+RECIPE_KEYS = {
+    "base_lr",
+    "lr_batch_divisor",
+    "warmup_epochs",
+    "betas",
+    "weight_decay",
+    "clip_grad",
+}
+
+
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def budget_of(config: Config) -> dict[str, Any]:
+    as_dict = config.to_dict()
+    return {key: _lookup(as_dict, key) for key in BUDGET_KEYS}
+
+
+def check_budget_parity(configs: dict[str, Config]) -> None:
+    """Raise naming the first budget key on which any two runs differ."""
+    labels = list(configs)
+    if len(labels) < 2:
+        return
+    reference = budget_of(configs[labels[0]])
+    for label in labels[1:]:
+        budget = budget_of(configs[label])
+        for key in BUDGET_KEYS:
+            if budget[key] != reference[key]:
+                detail = _first_difference(reference[key], budget[key], key)
+                raise ConfigError(
+                    f"runs {labels[0]!r} and {label!r} do not share one budget: {detail}. "
+                    f"A comparison needs identical {', '.join(BUDGET_KEYS)}."
+                )
+
+
+def _first_difference(a: Any, b: Any, key: str) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for sub in sorted(set(a) | set(b)):
+            if a.get(sub) != b.get(sub):
+                return _first_difference(a.get(sub), b.get(sub), f"{key}.{sub}")
+    return f"{key} is {a!r} vs. {b!r}"
+
+
+def check_run_dirs(run_dirs: list[Path]) -> None:
+    """Budget parity of finished runs, read from their saved ``config.yaml``."""
+    configs = {}
+    for run_dir in run_dirs:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+        configs[run_dir.name] = load_config_dict(raw, f"{run_dir}/config.yaml")
+    check_budget_parity(configs)
+    seeds: dict[str, set[int]] = {}
+    for cfg in configs.values():
+        seeds.setdefault(cfg.method["name"], set()).add(cfg.run.seed)
+    if len({frozenset(s) for s in seeds.values()}) > 1:
+        raise ConfigError(f"methods were run with different seed lists: {seeds}")
+
+
+@dataclass
+class PlannedRun:
+    method: str
+    seed: int
+    config: Config
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}_seed{self.seed}"
+
+
+def plan_comparison(
+    path: str | Path, overrides: list[str] | None = None, methods: list[str] | None = None
+) -> list[PlannedRun]:
+    """Expand a comparison config into one config per (method, seed), budget-checked."""
+    raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    if raw is None:
+        raise ConfigError(f"comparison config not found or empty: {path}")
+    raw = apply_overrides(raw, list(overrides or []))
+    section = raw.pop("compare", None)
+    if not isinstance(section, dict) or not section.get("methods"):
+        raise ConfigError(f"{path} needs a compare section with compare.methods")
+    unknown = set(section) - {"name", "seeds", "methods"}
+    if unknown:
+        first = sorted(unknown)[0]
+        raise ConfigError(f"unknown key compare.{first}; allowed: name, seeds, methods")
+    seeds = section.get("seeds") or [raw.get("run", {}).get("seed", 0)]
+    chosen = methods or list(section["methods"])
+    missing = [m for m in chosen if m not in section["methods"]]
+    if missing:
+        raise ConfigError(f"method {missing[0]!r} is not listed under compare.methods in {path}")
+    name = section.get("name") or Path(path).stem
+    planned = []
+    for method in chosen:
+        own = section["methods"][method] or {}
+        extra = set(own) - {"method", "train"}
+        if extra:
+            raise ConfigError(
+                f"compare.methods.{method}.{sorted(extra)[0]}: a method may only set its own "
+                f"'method' settings and its recipe under 'train'"
+            )
+        budget_keys = set(own.get("train") or {}) - RECIPE_KEYS
+        if budget_keys:
+            raise ConfigError(
+                f"compare.methods.{method}.train.{sorted(budget_keys)[0]} is part of the shared "
+                f"budget; set it once under train (a method may set: {sorted(RECIPE_KEYS)})"
+            )
+        for seed in seeds:
+            run_raw = copy.deepcopy(raw)
+            run_raw["method"] = {"name": method} | (own.get("method") or {})
+            run_raw.setdefault("train", {}).update(own.get("train") or {})
+            run_raw.setdefault("run", {})
+            run_raw["run"]["seed"] = seed
+            run_raw["run"]["name"] = f"{method}_seed{seed}"
+            output = Path(run_raw["run"].get("output_dir", "runs")) / name
+            run_raw["run"]["output_dir"] = str(output)
+            config = load_config_dict(run_raw, f"{path} ({method}, seed {seed})")
+            planned.append(PlannedRun(method, seed, config))
+    check_budget_parity({p.label: p.config for p in planned})
+    return planned
+
+
+def run_comparison(planned: list[PlannedRun], method_dirs: tuple = ()) -> list[Path]:
+    """Run each planned run; finished runs are skipped, interrupted ones resumed."""
+    from ropim.trainer import pretrain
+
+    done = []
+    for index, run in enumerate(planned, 1):
+        run_dir = Path(run.config.run.output_dir) / run.config.run.name
+        record = run_dir / "run.json"
+        if record.is_file() and json.loads(record.read_text()).get("status") == "finished":
+            print(f"[{index}/{len(planned)}] {run.label}: finished earlier, skipped", flush=True)
+            done.append(run_dir)
+            continue
+        print(f"[{index}/{len(planned)}] {run.label}", flush=True)
+        done.append(pretrain(run.config, resume=True, method_dirs=method_dirs))
+    return done
+
+
+def summarize(run_dirs: list[Path]) -> str:
+    """A plain-text table of what each run cost and reached (read from ``run.json``)."""
+    header = f"{'run':<22}{'epochs':>8}{'train s':>9}{'img/s':>8}{'stopped by':>13}  probe"
+    lines = [header]
+    for run_dir in run_dirs:
+        record = json.loads((run_dir / "run.json").read_text())
+        probe = record.get("probe", {}).get("pretrained_accuracy", {})
+        probe_text = " ".join(f"{k} {v:.1%}" for k, v in probe.items()) or "-"
+        lines.append(
+            f"{run_dir.name:<22}{record['epochs_completed']:>8.2f}{record['train_time_s']:>9.0f}"
+            f"{record['images_per_s']:>8.0f}{record['budget']['stopped_by']:>13}  {probe_text}"
+        )
+    return "\n".join(lines)

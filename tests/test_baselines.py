@@ -1,0 +1,261 @@
+"""MAE and SimMIM: who sees what, which pixels count, and that each method can learn."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from ropim.config import load_config
+from ropim.errors import ConfigError
+from ropim.patches import patchify
+from ropim.registry import available_methods, build_method
+from ropim.trainer import pretrain
+from tests.conftest import TINY_CONFIG, tiny_backbone
+
+
+def _mae(**kw):
+    settings = {"name": "mae", "decoder_depth": 1, "decoder_dim": 16, "decoder_heads": 2} | kw
+    return build_method(settings, tiny_backbone(img_size=56, patch_size=4))  # 196 tokens
+
+
+def test_mae_keeps_exactly_a_quarter_of_tokens_different_per_image():
+    method = _mae()
+    tokens = torch.randn(6, 196, 32)
+    _, mask = method.prepare(tokens, torch.Generator().manual_seed(0))
+    assert mask.keep.shape == (6, 49)
+    assert torch.all(mask.masked.sum(1) == 147)
+    assert torch.all((1 - mask.masked).gather(1, mask.keep) == 1)
+    assert len({tuple(row.tolist()) for row in mask.keep}) == 6
+
+
+def test_mae_encoder_sees_only_the_visible_tokens(monkeypatch):
+    method = _mae()
+    images = torch.randn(3, 3, 56, 56)
+    seen = {}
+    run_blocks = method.backbone.run_blocks
+
+    def spy(sequence):
+        seen["input"] = sequence
+        return run_blocks(sequence)
+
+    monkeypatch.setattr(method.backbone, "run_blocks", spy)
+    out = method.compute(images, torch.Generator().manual_seed(1))
+    assert seen["input"].shape == (3, 1 + 49, 32)
+    positioned = method.backbone.add_position(method.backbone.embed_patches(images))[:, 1:]
+    expected = positioned.gather(1, out.state.keep.unsqueeze(-1).expand(-1, -1, 32))
+    torch.testing.assert_close(seen["input"][:, 1:], expected)
+    assert out.prediction.shape == (3, 196, 48)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_mae_loss_ignores_visible_patches(norm_pix_loss):
+    method = _mae(norm_pix_loss=norm_pix_loss)
+    images = torch.randn(2, 3, 56, 56)
+    out = method.compute(images, torch.Generator().manual_seed(2))
+    target = patchify(images, 4)
+    changed = out.prediction.detach().clone()
+    visible = out.state.masked == 0
+    changed[visible] += 100.0
+    torch.testing.assert_close(method.loss(changed, target, out.state), out.loss.detach())
+    changed[~visible] += 1.0
+    assert not torch.allclose(method.loss(changed, target, out.state), out.loss.detach())
+
+
+def test_simmim_masks_the_configured_share_in_whole_32px_blocks():
+    method = build_method({"name": "simmim"}, tiny_backbone(img_size=224, patch_size=16))
+    tokens = torch.randn(4, 196, 32)
+    masked_tokens, hidden = method.prepare(tokens, torch.Generator().manual_seed(0))
+    assert torch.all(hidden.sum(1) == 30 * 4)  # ceil(0.6 * 49) blocks of 2x2 tokens
+    blocks = hidden.view(4, 7, 2, 7, 2)
+    assert torch.all(blocks.amax((2, 4)) == blocks.amin((2, 4)))  # blocks are all-or-nothing
+    assert len({tuple(row.tolist()) for row in hidden}) == 4
+    mask_token = method.mask_token.expand(4, 196, 32)
+    torch.testing.assert_close(masked_tokens[hidden == 1], mask_token[hidden == 1])
+    torch.testing.assert_close(masked_tokens[hidden == 0], tokens[hidden == 0])
+
+
+def test_simmim_loss_ignores_unmasked_pixels():
+    method = build_method({"name": "simmim", "mask_patch_size": 14}, tiny_backbone())
+    images = torch.randn(2, 3, 28, 28)
+    out = method.compute(images, torch.Generator().manual_seed(3))
+    target = patchify(images, 7)
+    changed = out.prediction.detach().clone()
+    changed[out.state == 0] -= 50.0
+    torch.testing.assert_close(method.loss(changed, target, out.state), out.loss.detach())
+    expected = (out.prediction - target).abs()[out.state == 1].mean()
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_simmim_block_size_must_be_a_multiple_of_the_patch_size():
+    with pytest.raises(ConfigError, match="mask_patch_size=10 must be a multiple"):
+        build_method({"name": "simmim", "mask_patch_size": 10}, tiny_backbone())
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        build_method({"name": "mae", "mask_ratio": 1.0}, tiny_backbone())
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"name": "ropim", "ratio": 0.25},
+        {"name": "mae", "decoder_depth": 1, "decoder_dim": 32, "decoder_heads": 2},
+        {"name": "simmim", "mask_patch_size": 14},
+    ],
+)
+def test_each_method_overfits_one_fixed_batch(settings):
+    from ropim.data import MnistDigits
+
+    digits = MnistDigits("train")
+    images = digits.images[:8].float().div(255).sub(0.13).div(0.31).expand(-1, 3, -1, -1)
+    method = build_method(settings, tiny_backbone())
+    optimizer = torch.optim.AdamW(method.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        loss = method(images, torch.Generator().manual_seed(0))  # same masks every step
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+TOY_METHOD = '''
+import torch
+from ropim.method import MaskingMethod, Recipe, linear_pixel_head
+
+
+class ZeroHalf(MaskingMethod):
+    """Toy: zero a random half of the tokens, L2 on everything."""
+
+    name = "zerohalf"
+    recipe = Recipe(base_lr=1e-3, lr_batch_divisor=256, warmup_epochs=0, betas=(0.9, 0.95))
+
+    def __init__(self, backbone, share: float = 0.5):
+        super().__init__(backbone)
+        self.share = share
+        self.head = linear_pixel_head(backbone)
+
+    def prepare(self, patch_tokens, generator):
+        b, n, _ = patch_tokens.shape
+        keep = torch.rand(b, n, 1, generator=generator, device=patch_tokens.device) > self.share
+        return patch_tokens * keep, keep
+
+    def decode(self, features, state):
+        return self.head(features)
+
+    def loss(self, prediction, target, state):
+        return (prediction - target).pow(2).mean()
+
+    def encoder_view(self, images, state):
+        return images
+'''
+
+
+def test_a_method_file_in_a_folder_plugs_in_by_name(tmp_path):
+    folder = tmp_path / "my_methods"
+    folder.mkdir()
+    (folder / "zerohalf.py").write_text(textwrap.dedent(TOY_METHOD))
+    assert "zerohalf" in available_methods([folder])
+    cfg = load_config(
+        TINY_CONFIG,
+        [f"run.output_dir={tmp_path}", "method={name: zerohalf, share: 0.3}", "train.epochs=0.5"],
+    )
+    run_dir = pretrain(cfg, method_dirs=(folder,))
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["method"] == {"name": "zerohalf", "share": 0.3}
+    assert record["recipe"]["lr_batch_divisor"] == 256 and record["steps"] == 4
+    assert (run_dir / "reconstructions.png").is_file()
+
+
+def test_baselines_are_discovered():
+    assert {"ropim", "mae", "simmim"} <= set(available_methods())
+
+
+COMPARE_CONFIG = """
+compare:
+  name: cmp
+  seeds: [0, 1]
+  methods:
+    ropim: {method: {ratio: 0.25}}
+    mae: {method: {decoder_depth: 1, decoder_dim: 16, decoder_heads: 2}, train: {base_lr: 1.0e-3}}
+    simmim: {method: {mask_patch_size: 14}}
+model: {name: vit_tiny_patch16_224, img_size: 28, patch_size: 7,
+        kwargs: {depth: 2, embed_dim: 32, num_heads: 2}}
+data: {dataset: mnist, limit: 128}
+train: {epochs: 0.5, batch_size: 32, log_every: 1, checkpoint_every: 10}
+"""
+
+
+def _compare_file(tmp_path, text=COMPARE_CONFIG):
+    path = tmp_path / "cmp.yaml"
+    path.write_text(text + f"run: {{output_dir: {tmp_path}}}\n")
+    return path
+
+
+def test_compare_runs_every_method_and_seed_under_one_budget(tmp_path):
+    from ropim.compare import check_run_dirs, plan_comparison, run_comparison, summarize
+
+    planned = plan_comparison(_compare_file(tmp_path), methods=["ropim", "mae", "simmim"])
+    assert [p.label for p in planned] == [
+        "ropim_seed0",
+        "ropim_seed1",
+        "mae_seed0",
+        "mae_seed1",
+        "simmim_seed0",
+        "simmim_seed1",
+    ]
+    run_dirs = run_comparison(planned)
+    assert all(
+        (d / "run.json").is_file() and (d / "reconstructions.png").is_file() for d in run_dirs
+    )
+    check_run_dirs(run_dirs)
+    records = {d.name: json.loads((d / "run.json").read_text()) for d in run_dirs}
+    assert records["mae_seed0"]["recipe"]["lr_batch_divisor"] == 256
+    assert records["mae_seed0"]["optim"]["lr"] == pytest.approx(1e-3 * 32 / 256)
+    assert records["simmim_seed1"]["optim"]["clip_grad"] == 5.0
+    assert records["simmim_seed1"]["optim"]["betas"] == [0.9, 0.999]
+    assert {r["steps"] for r in records.values()} == {2}
+    table = summarize(run_dirs)
+    assert "mae_seed1" in table and "epochs" in table
+    # A second call skips finished runs instead of training again.
+    again = run_comparison(planned)
+    assert again == run_dirs
+
+
+def test_comparison_with_mismatched_budget_is_refused(tmp_path):
+    from ropim.compare import check_budget_parity, check_run_dirs, plan_comparison
+
+    bad = COMPARE_CONFIG.replace("train: {base_lr: 1.0e-3}", "train: {batch_size: 16}")
+    with pytest.raises(ConfigError, match="train.batch_size is part of the shared budget"):
+        plan_comparison(_compare_file(tmp_path, bad))
+    planned = plan_comparison(_compare_file(tmp_path))
+    configs = {p.label: p.config for p in planned}
+    configs["simmim_seed1"].data.crop_scale = [0.2, 1.0]
+    with pytest.raises(ConfigError, match=r"data.crop_scale is \[0.67, 1.0\] vs. \[0.2, 1.0\]"):
+        check_budget_parity(configs)
+    configs["simmim_seed1"].data.crop_scale = [0.67, 1.0]
+    configs["mae_seed0"].train.epochs = 1.0
+    with pytest.raises(ConfigError, match="'ropim_seed0' and 'mae_seed0' .*train.epochs"):
+        check_budget_parity(configs)
+    # Finished run folders are checked the same way, from their saved configs.
+    from ropim.config import save_config
+
+    for label, cfg in configs.items():
+        (tmp_path / label).mkdir()
+        save_config(cfg, tmp_path / label / "config.yaml")
+    with pytest.raises(ConfigError, match="train.epochs is 0.5 vs. 1.0"):
+        check_run_dirs([tmp_path / label for label in configs])
+
+
+def test_time_budget_stops_training_and_records_epochs_reached(tmp_path):
+    cfg = load_config(
+        TINY_CONFIG,
+        [f"run.output_dir={tmp_path}", "train.epochs=1000", "train.time_budget_s=3"],
+    )
+    run_dir = pretrain(cfg)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["budget"] == {"epochs": 1000.0, "time_budget_s": 3.0, "stopped_by": "time_budget"}
+    assert 3.0 <= record["train_time_s"] < 10.0
+    assert 0 < record["epochs_completed"] < 1000
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    assert latest == f"step_{record['steps']:08d}"
