@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/ropim_mnist.yaml
 
-.PHONY: setup pretrain test lint format clean bench
+.PHONY: setup pretrain test lint format clean bench compare bench-pretrain
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,9 @@ clean:
 
 bench: setup  ## ROPIM training-step speed: ViT-B/16 at 224 px (bf16 on CUDA; slow on CPU)
 	$(BIN)/ropim bench-step --config configs/ropim_vit_b16_imagenet.yaml train.batch_size=$(or $(BATCH),128) $(ARGS)
+
+compare: setup  ## ROPIM, MAE and SimMIM on the bundled digits under one budget
+	$(BIN)/ropim compare --config configs/compare_mnist.yaml $(ARGS)
+
+bench-pretrain: setup  ## images/s of each method's step; ROPIM projection vs. dense bmm
+	$(BIN)/ropim bench-pretrain --config $(or $(BENCH_CONFIG),configs/compare_mnist.yaml) $(ARGS)

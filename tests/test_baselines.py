@@ -1,7 +1,6 @@
 """MAE and SimMIM: who sees what, which pixels count, and that each method can learn."""
 
 import json
-import textwrap
 
 import pytest
 import torch
@@ -119,42 +118,19 @@ def test_each_method_overfits_one_fixed_batch(settings):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-TOY_METHOD = '''
-import torch
-from ropim.method import MaskingMethod, Recipe, linear_pixel_head
+def _readme_example_method() -> str:
+    """The example in the README's "Add a masking method" section, verbatim."""
+    from tests.conftest import PROJECT_ROOT
 
-
-class ZeroHalf(MaskingMethod):
-    """Toy: zero a random half of the tokens, L2 on everything."""
-
-    name = "zerohalf"
-    recipe = Recipe(base_lr=1e-3, lr_batch_divisor=256, warmup_epochs=0, betas=(0.9, 0.95))
-
-    def __init__(self, backbone, share: float = 0.5):
-        super().__init__(backbone)
-        self.share = share
-        self.head = linear_pixel_head(backbone)
-
-    def prepare(self, patch_tokens, generator):
-        b, n, _ = patch_tokens.shape
-        keep = torch.rand(b, n, 1, generator=generator, device=patch_tokens.device) > self.share
-        return patch_tokens * keep, keep
-
-    def decode(self, features, state):
-        return self.head(features)
-
-    def loss(self, prediction, target, state):
-        return (prediction - target).pow(2).mean()
-
-    def encoder_view(self, images, state):
-        return images
-'''
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    section = readme[readme.index("## Add a masking method") :]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_a_method_file_in_a_folder_plugs_in_by_name(tmp_path):
     folder = tmp_path / "my_methods"
     folder.mkdir()
-    (folder / "zerohalf.py").write_text(textwrap.dedent(TOY_METHOD))
+    (folder / "zerohalf.py").write_text(_readme_example_method())
     assert "zerohalf" in available_methods([folder])
     cfg = load_config(
         TINY_CONFIG,
@@ -164,6 +140,7 @@ def test_a_method_file_in_a_folder_plugs_in_by_name(tmp_path):
     record = json.loads((run_dir / "run.json").read_text())
     assert record["method"] == {"name": "zerohalf", "share": 0.3}
     assert record["recipe"]["lr_batch_divisor"] == 256 and record["steps"] == 4
+    assert record["optim"]["lr"] == 1e-3 * 32 / 256
     assert (run_dir / "reconstructions.png").is_file()
 
 
