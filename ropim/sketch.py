@@ -101,16 +101,27 @@ class CountSketch:
             )
 
     def project(self, x: Tensor) -> Tensor:
-        """``Π x`` for ``x`` of shape ``(B, N, D)``, by bucket scatter/gather (never N×N)."""
+        """``Π x`` for ``x`` of shape ``(B, N, D)``, by bucket scatter/gather (never N×N).
+
+        Rows of the flattened batch are summed into their bucket with ``index_add_`` and read
+        back with ``index_select``: whole D-vectors move at once, O(N·D) per image.
+        """
         self._check_input(x)
+        b, n, d = x.shape
         # Bucket sums in at least fp32, even for bf16 tokens under autocast.
         work = x.to(torch.promote_types(x.dtype, torch.float32))
-        signs = self.signs.unsqueeze(-1).to(work.dtype)
-        index = self.buckets.unsqueeze(-1).expand_as(work)
-        sums = work.new_zeros(self.batch_size, self.num_buckets, work.shape[-1])
-        sums.scatter_add_(1, index, signs * work)
-        sums = sums * self._bucket_weights(work.dtype).unsqueeze(-1)
-        return (signs * sums.gather(1, index)).to(x.dtype)
+        signs = self.signs.to(work.dtype).reshape(b * n, 1)
+        rows = self._global_buckets()
+        sums = work.new_zeros(b * self.num_buckets, d)
+        sums.index_add_(0, rows, work.reshape(b * n, d) * signs)
+        sums = sums * self._bucket_weights(work.dtype).reshape(-1, 1)
+        out = sums.index_select(0, rows).mul_(signs)
+        return out.view(b, n, d).to(x.dtype)
+
+    def _global_buckets(self) -> Tensor:
+        """Bucket ids made unique across the batch: image ``b``'s bucket ``k`` is ``b·K + k``."""
+        offsets = torch.arange(self.batch_size, device=self.buckets.device) * self.num_buckets
+        return (self.buckets + offsets.unsqueeze(1)).reshape(-1)
 
     def complement(self, x: Tensor) -> Tensor:
         """``Π⊥ x = x − Π x``: what the projection removed."""
