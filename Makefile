@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/ropim_mnist.yaml
 
-.PHONY: setup pretrain test lint format clean bench compare bench-pretrain
+.PHONY: setup pretrain test lint format clean bench compare bench-pretrain reproduce-table2 report
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,10 @@ compare: setup  ## ROPIM, MAE and SimMIM on the bundled digits under one budget
 
 bench-pretrain: setup  ## images/s of each method's step; ROPIM projection vs. dense bmm
 	$(BIN)/ropim bench-pretrain --config $(or $(BENCH_CONFIG),configs/compare_mnist.yaml) $(ARGS)
+
+SCALE ?= smoke
+reproduce-table2: setup  ## pre-train all methods x seeds, evaluate, write reports/table2_$(SCALE).md
+	$(BIN)/ropim reproduce --config configs/table2_$(SCALE).yaml $(if $(IMAGENET_DIR),data.root=$(IMAGENET_DIR)) $(ARGS)
+
+report: setup  ## rebuild reports/table2_$(SCALE).md from results/results.csv (no training)
+	$(BIN)/ropim report --config configs/table2_$(SCALE).yaml

@@ -22,20 +22,42 @@ WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 
 
+def backbone_signature(backbone: nn.Module) -> dict[str, str]:
+    """What must match for encoder weights to load: timm model, sizes, depth."""
+    return {
+        "model": backbone.name,  # type: ignore[attr-defined]
+        "img_size": str(backbone.img_size),  # type: ignore[attr-defined]
+        "patch_size": str(backbone.patch_size),  # type: ignore[attr-defined]
+        "in_chans": str(backbone.in_chans),  # type: ignore[attr-defined]
+        "embed_dim": str(backbone.embed_dim),  # type: ignore[attr-defined]
+        "depth": str(len(backbone.vit.blocks)),  # type: ignore[attr-defined]
+    }
+
+
 def architecture_signature(method: nn.Module) -> dict[str, str]:
-    """What must match for weights to load: method, timm model, sizes, parameter count."""
-    backbone = method.backbone  # type: ignore[attr-defined]
-    vit = backbone.vit
+    """The backbone's signature plus the method and its parameter count."""
     return {
         "method": str(method.name),  # type: ignore[attr-defined]
-        "model": backbone.name,
-        "img_size": str(backbone.img_size),
-        "patch_size": str(backbone.patch_size),
-        "in_chans": str(backbone.in_chans),
-        "embed_dim": str(backbone.embed_dim),
-        "depth": str(len(vit.blocks)),
+        **backbone_signature(method.backbone),  # type: ignore[attr-defined]
         "num_parameters": str(sum(p.numel() for p in method.parameters())),
     }
+
+
+def check_architecture(metadata: dict[str, str], module: nn.Module, path: str | Path) -> None:
+    """Refuse weights from another architecture, naming every key that differs."""
+    if hasattr(module, "backbone"):
+        expected = architecture_signature(module)
+    else:
+        expected = backbone_signature(module)
+    differences = [
+        f"{key}: checkpoint {metadata[key]!r} vs. this config {value!r}"
+        for key, value in expected.items()
+        if key in metadata and metadata[key] != value
+    ]
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {path} is from another architecture ({'; '.join(differences)})"
+        )
 
 
 def save_weights(module: nn.Module, path: Path, metadata: dict[str, str]) -> None:
@@ -61,16 +83,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 def load_weights(module: nn.Module, path: str | Path) -> dict[str, str]:
     """Load weights saved by :func:`save_weights`, refusing another architecture by name."""
     tensors, metadata = read_weights(path)
-    expected = architecture_signature(module)
-    differences = [
-        f"{key}: checkpoint {metadata[key]!r} vs. this config {value!r}"
-        for key, value in expected.items()
-        if key in metadata and metadata[key] != value
-    ]
-    if differences:
-        raise CheckpointError(
-            f"checkpoint {path} is from another architecture ({'; '.join(differences)})"
-        )
+    check_architecture(metadata, module, path)
     missing, unexpected = module.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(

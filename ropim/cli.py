@@ -26,6 +26,28 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--dry-run", action="store_true", help="check the budget and list the runs")
     comp.add_argument("--method-dir", action="append", default=[])
     comp.add_argument("overrides", nargs="*")
+    rep = sub.add_parser("reproduce", help="pre-train, evaluate and report a comparison")
+    rep.add_argument("--config", "-c", required=True, help="e.g. configs/table2_smoke.yaml")
+    rep.add_argument("--results", default="results/results.csv")
+    rep.add_argument("--reports", default="reports")
+    rep.add_argument("--method-dir", action="append", default=[])
+    rep.add_argument("overrides", nargs="*")
+    rp = sub.add_parser("report", help="tables and figures from results/ (no training)")
+    rp.add_argument("--config", "-c", required=True, help="e.g. configs/table2_smoke.yaml")
+    rp.add_argument("--results", default="results/results.csv")
+    rp.add_argument("--reports", default="reports")
+    rp.add_argument("overrides", nargs="*")
+    ev = sub.add_parser("evaluate", help="classification protocols on pre-trained runs")
+    ev.add_argument("runs", nargs="+", help="run directories (runs/<name> or compare folders)")
+    ev.add_argument("--config", "-c", help="YAML with a classification: section (protocols)")
+    ev.add_argument("--results", default="results/results.csv", help="CSV the rows append to")
+    ev.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="classification.key=value, e.g. classification.linear.epochs=10",
+    )
     bp = sub.add_parser("bench-pretrain", help="step speed per method; ROPIM projection cost")
     bp.add_argument("--config", "-c", required=True, help="a comparison config")
     bp.add_argument("--steps", type=int, default=10)
@@ -54,6 +76,20 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "bench-pretrain":
             return _bench_pretrain(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "report":
+            from ropim.reproduce import make_report
+
+            make_report(args.config, args.overrides, args.results, args.reports)
+            return 0
+        if args.command == "reproduce":
+            from ropim.reproduce import reproduce
+
+            reproduce(
+                args.config, args.overrides, args.results, args.reports, tuple(args.method_dir)
+            )
+            return 0
         from ropim.config import load_config
 
         cfg = load_config(args.config, args.overrides)
@@ -70,6 +106,26 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from downstream.classification.evaluate import evaluate_classification
+    from downstream.classification.settings import classification_settings
+    from ropim.config import apply_overrides
+
+    raw = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    raw = apply_overrides(raw or {}, args.overrides)
+    settings = classification_settings(raw.get("classification"))
+    for run_dir in args.runs:
+        for row in evaluate_classification(run_dir, settings, args.results):
+            if row["metric"] == "top1":
+                print(f"{row['run_id']}: {row['protocol']} top-1 {row['value']:.2%}", flush=True)
+    print(f"rows appended to {args.results}")
     return 0
 
 

@@ -29,6 +29,8 @@ BUDGET_KEYS = (
     "train.precision",
     "train.accelerator",
 )
+COMPARE_KEYS = {"name", "scale", "seeds", "methods"}
+EXTRA_SECTIONS = ("classification",)
 # The optimiser values a method may set for itself (its published recipe).
 RECIPE_KEYS = {
     "base_lr",
@@ -111,12 +113,14 @@ def plan_comparison(
         raise ConfigError(f"comparison config not found or empty: {path}")
     raw = apply_overrides(raw, list(overrides or []))
     section = raw.pop("compare", None)
+    for extra in EXTRA_SECTIONS:  # read by the evaluation and report steps, not by pre-training
+        raw.pop(extra, None)
     if not isinstance(section, dict) or not section.get("methods"):
         raise ConfigError(f"{path} needs a compare section with compare.methods")
-    unknown = set(section) - {"name", "seeds", "methods"}
+    unknown = set(section) - COMPARE_KEYS
     if unknown:
         first = sorted(unknown)[0]
-        raise ConfigError(f"unknown key compare.{first}; allowed: name, seeds, methods")
+        raise ConfigError(f"unknown key compare.{first}; allowed: {sorted(COMPARE_KEYS)}")
     seeds = section.get("seeds") or [raw.get("run", {}).get("seed", 0)]
     chosen = methods or list(section["methods"])
     missing = [m for m in chosen if m not in section["methods"]]

@@ -37,7 +37,7 @@ class DataSection:
     root: str | None = None  # imagefolder: folder holding <split>/<class>/*.jpg
     split: str = "train"
     val_fraction: float = 0.2  # mnist: share of the 5,000 digits held out (fixed split)
-    limit: int | None = None  # use only the first N images (quick tests)
+    limit: int | None = None  # use a fixed random subset of N images (quick tests)
     crop_scale: list[float] = field(default_factory=lambda: [0.67, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
     hflip: float = 0.5
@@ -139,7 +139,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported setting type {annotation!r}")
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+def build_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """A dataclass from a raw mapping; unknown keys and ill-typed values name the key."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
@@ -154,7 +155,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name} must be a mapping, got {value!r}")
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+            kwargs[name] = build_section(hint, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
     return cls(**kwargs)
@@ -201,7 +202,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def load_config_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Validate a raw mapping; ``source`` says where it came from in error messages."""
     try:
-        return _build(Config, raw, "")
+        return build_section(Config, raw, "")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 

@@ -127,8 +127,10 @@ def load_images(cfg: DataSection, split: str | None = None) -> Dataset:
         raise ConfigError(f"unknown data.dataset={cfg.dataset!r}; choose one of {DATASETS}")
     if len(dataset) == 0:
         raise DataError(f"dataset {cfg.dataset!r} split {split!r} is empty")
-    if cfg.limit is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(cfg.limit, len(dataset))))
+    if cfg.limit is not None and cfg.limit < len(dataset):
+        # A fixed random subset: datasets stored class by class must not shrink to one class.
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        dataset = torch.utils.data.Subset(dataset, order[: cfg.limit].sort().values.tolist())
     return dataset
 
 

@@ -61,16 +61,17 @@ def build_optimizer(method: MaskingMethod, settings: OptimSettings) -> torch.opt
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, settings: OptimSettings, total_steps: int, warmup_steps: int
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float = 0.0
 ) -> CosineLRScheduler:
-    """Per-step linear warmup, then a half-cycle cosine down to ``min_lr``."""
+    """Per-step linear warmup, then a half-cycle cosine down to ``min_lr`` (timm's scheduler;
+    call ``step_update(step)`` before each step)."""
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     return CosineLRScheduler(
         optimizer,
         t_initial=max(total_steps - warmup_steps, 1),
-        lr_min=settings.min_lr,
+        lr_min=min_lr,
         warmup_t=warmup_steps,
-        warmup_lr_init=settings.min_lr if warmup_steps else 0.0,
+        warmup_lr_init=min_lr if warmup_steps else 0.0,
         warmup_prefix=True,
         t_in_epochs=False,
     )

@@ -157,7 +157,7 @@ def pretrain(
     settings = resolve(cfg.train, method.recipe, world)
     optimizer = build_optimizer(method, settings)
     scheduler = build_scheduler(
-        optimizer, settings, total_steps, round(settings.warmup_epochs * per_epoch)
+        optimizer, total_steps, round(settings.warmup_epochs * per_epoch), settings.min_lr
     )
     model, optimizer = fabric.setup(method, optimizer)
     signature = architecture_signature(method)

@@ -18,6 +18,14 @@ def test_bundled_digits_split_is_fixed_stratified_and_disjoint():
     assert image.shape == (1, 28, 28) and image.dtype == torch.uint8 and 0 <= label < 10
 
 
+def test_limit_takes_a_fixed_subset_spanning_the_classes():
+    a = load_images(DataSection(dataset="mnist", limit=100))
+    b = load_images(DataSection(dataset="mnist", limit=100))
+    labels = [a[i][1] for i in range(len(a))]
+    assert len(a) == 100 and set(labels) == set(range(10))
+    assert a.indices == b.indices
+
+
 def test_views_are_a_function_of_seed_epoch_and_index():
     images = load_images(DataSection(dataset="mnist", limit=8))
     transform = pretrain_transform(DataSection(), 28, 3)

@@ -1,0 +1,126 @@
+"""Evaluate one pre-training run with the classification protocols; append tidy result rows."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from downstream.classification.finetune import finetune_accuracy
+from downstream.classification.knn import knn_accuracy
+from downstream.classification.linear_probe import linear_probe_accuracy
+from downstream.classification.settings import ClassificationSettings
+from downstream.encoder import load_pretrained_encoder
+from ropim.data import SeededViews, eval_transform, load_images
+from ropim.probe import extract_features
+from ropim.results import append_results
+from ropim.run_record import code_version, write_json
+
+
+def _row_base(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    budget = record.get("budget", {})
+    return {
+        "run_id": f"{run_dir.parent.name}/{run_dir.name}",
+        "method": record["method"]["name"],
+        "backbone": f"{record['architecture']['model']}@{record['architecture']['img_size']}"
+        f"/p{record['architecture']['patch_size']}/d{record['architecture']['depth']}",
+        "dataset": record["dataset"]["name"],
+        "budget_epochs": budget.get("epochs"),
+        "budget_seconds": budget.get("time_budget_s"),
+        "epochs_completed": round(record["epochs_completed"], 4),
+        "pretrain_seconds": round(record["train_time_s"], 2),
+        "pretrain_images_per_s": round(record["images_per_s"], 2),
+        "task": "classification",
+        "seed": record["seed"],
+        "code_version": (record.get("code") or {}).get("git_commit"),
+    }
+
+
+def evaluate_classification(
+    run_dir: str | Path, settings: ClassificationSettings, results_path: str | Path
+) -> list[dict[str, Any]]:
+    """Run each protocol on the run's newest checkpoint; rows go to ``results_path`` and to
+    ``<run>/classification.json``."""
+    run_dir = Path(run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    backbone, cfg = load_pretrained_encoder(run_dir)
+    seed = cfg.run.seed
+    transform = eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans)
+    train_images = load_images(cfg.data, "train")
+    val_images = load_images(cfg.data, "val")
+    num_classes = len(_classes(train_images))
+    base = _row_base(run_dir, record)
+    rows: list[dict[str, Any]] = []
+
+    def add(protocol: str, metric: str, value: float) -> None:
+        rows.append(
+            base
+            | {
+                "protocol": protocol,
+                "metric": metric,
+                "value": round(value, 6),
+                "recorded_at": datetime.now(timezone.utc).isoformat(),
+            }
+        )
+
+    frozen = {"knn", "linear"} & set(settings.protocols)
+    if frozen:
+        device = torch.device("cpu")
+        train_x, train_y = extract_features(
+            backbone, SeededViews(train_images, transform, seed), device
+        )
+        val_x, val_y = extract_features(backbone, SeededViews(val_images, transform, seed), device)
+        x_train = torch.from_numpy(train_x[settings.feature])
+        x_val = torch.from_numpy(val_x[settings.feature])
+        y_train, y_val = torch.from_numpy(train_y), torch.from_numpy(val_y)
+        if "knn" in settings.protocols:
+            start = time.perf_counter()
+            acc = knn_accuracy(
+                x_train,
+                y_train,
+                x_val,
+                y_val,
+                num_classes,
+                settings.knn.k,
+                settings.knn.temperature,
+            )
+            add("knn", "top1", acc)
+            add("knn", "seconds", time.perf_counter() - start)
+        if "linear" in settings.protocols:
+            start = time.perf_counter()
+            lin = settings.linear
+            acc = linear_probe_accuracy(
+                x_train,
+                y_train,
+                x_val,
+                y_val,
+                num_classes,
+                epochs=lin.epochs,
+                batch_size=lin.batch_size,
+                base_lr=lin.base_lr,
+                lr_batch_divisor=lin.lr_batch_divisor,
+                warmup_epochs=lin.warmup_epochs,
+                optimizer=lin.optimizer,
+                weight_decay=lin.weight_decay,
+                seed=seed,
+            )
+            add("linear", "top1", acc)
+            add("linear", "seconds", time.perf_counter() - start)
+    if "finetune" in settings.protocols:
+        start = time.perf_counter()
+        fresh, _ = load_pretrained_encoder(run_dir, drop_path=settings.finetune.drop_path)
+        result = finetune_accuracy(fresh, cfg, settings.finetune, num_classes, seed)
+        add("finetune", "top1", result["top1"])
+        add("finetune", "seconds", time.perf_counter() - start)
+    append_results(results_path, rows)
+    write_json(run_dir / "classification.json", {"code": code_version(), "rows": rows})
+    return rows
+
+
+def _classes(dataset: Any) -> list[str]:
+    inner = getattr(dataset, "dataset", dataset)  # a Subset when data.limit is set
+    return list(inner.classes)

@@ -1,0 +1,70 @@
+"""Classification protocol settings; defaults follow MAE's ViT-B recipes (spec/BASELINES.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ropim.config import build_section
+from ropim.errors import ConfigError
+
+PROTOCOLS = ("knn", "linear", "finetune")
+
+
+@dataclass
+class KnnSettings:
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass
+class LinearSettings:
+    epochs: int = 90
+    batch_size: int = 256
+    base_lr: float = 0.1  # per lr_batch_divisor images
+    lr_batch_divisor: int = 256
+    warmup_epochs: int = 10
+    optimizer: str = "lars"  # or "sgd"
+    weight_decay: float = 0.0
+
+
+@dataclass
+class FinetuneSettings:
+    epochs: float = 100
+    batch_size: int = 128  # per device
+    base_lr: float = 5e-4
+    lr_batch_divisor: int = 256
+    warmup_epochs: float = 5
+    min_lr: float = 1e-6
+    layer_decay: float = 0.65
+    weight_decay: float = 0.05
+    drop_path: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    random_erasing: float = 0.25
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+    clip_grad: float | None = None
+
+
+@dataclass
+class ClassificationSettings:
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    feature: str = "cls"  # frozen feature for k-NN and the linear probe: cls or avg
+    knn: KnnSettings = field(default_factory=KnnSettings)
+    linear: LinearSettings = field(default_factory=LinearSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+
+
+def classification_settings(raw: dict[str, Any] | None) -> ClassificationSettings:
+    settings = build_section(ClassificationSettings, raw or {}, "classification.")
+    unknown = sorted(set(settings.protocols) - set(PROTOCOLS))
+    if unknown:
+        raise ConfigError(
+            f"unknown classification.protocols entry {unknown[0]!r}; choose from {PROTOCOLS}"
+        )
+    if settings.feature not in ("cls", "avg"):
+        raise ConfigError(f"classification.feature={settings.feature!r} must be cls or avg")
+    return settings

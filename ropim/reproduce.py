@@ -1,0 +1,78 @@
+"""``make reproduce-table2``: pre-train every method per seed, evaluate, collect, report.
+
+Every stage is restartable: finished pre-training runs are skipped, interrupted ones resume,
+evaluated runs (``classification.json`` present) are not evaluated twice.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from downstream.classification.evaluate import evaluate_classification
+from downstream.classification.settings import classification_settings
+from ropim.compare import plan_comparison, run_comparison
+from ropim.config import apply_overrides
+from ropim.report import write_report
+from ropim.results import read_results
+from ropim.run_record import code_version
+
+
+def reproduce(
+    config_path: str | Path,
+    overrides: list[str] | None = None,
+    results_path: str | Path = "results/results.csv",
+    reports_dir: str | Path = "reports",
+    method_dirs: tuple = (),
+) -> Path:
+    raw = apply_overrides(yaml.safe_load(Path(config_path).read_text()), list(overrides or []))
+    settings = classification_settings(raw.get("classification"))
+    planned = plan_comparison(config_path, overrides)
+    run_dirs = run_comparison(planned, method_dirs)
+    for index, run_dir in enumerate(run_dirs, 1):
+        if (run_dir / "classification.json").is_file():
+            print(f"[eval {index}/{len(run_dirs)}] {run_dir.name}: evaluated earlier", flush=True)
+            continue
+        print(f"[eval {index}/{len(run_dirs)}] {run_dir.name}", flush=True)
+        for row in evaluate_classification(run_dir, settings, results_path):
+            if row["metric"] == "top1":
+                print(f"  {row['protocol']:<9} top-1 {row['value']:.2%}", flush=True)
+    return make_report(config_path, overrides, results_path, reports_dir)
+
+
+def make_report(
+    config_path: str | Path,
+    overrides: list[str] | None = None,
+    results_path: str | Path = "results/results.csv",
+    reports_dir: str | Path = "reports",
+) -> Path:
+    """Table and figures of one comparison from the rows collected so far."""
+    raw = apply_overrides(yaml.safe_load(Path(config_path).read_text()), list(overrides or []))
+    section = raw["compare"]
+    planned = plan_comparison(config_path, overrides)
+    methods = list(dict.fromkeys(p.method for p in planned))
+    seeds = sorted({p.seed for p in planned})
+    command = " ".join(shlex.quote(a) for a in sys.argv) or "reproduce()"
+    header = (
+        f"Produced by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d} "
+        f"({os.cpu_count()} CPU cores, {platform.machine()}, code {code_version()['git_commit']}). "
+        f"Same backbone, data, augmentation, batch and epochs for every method; each keeps its "
+        f"own masking, loss and optimiser recipe (see each run's run.json)."
+    )
+    path = write_report(
+        read_results(results_path),
+        section.get("name") or Path(config_path).stem,
+        methods,
+        seeds,
+        reports_dir,
+        section.get("scale") or Path(config_path).stem,
+        header,
+    )
+    print(f"report: {path}")
+    return path

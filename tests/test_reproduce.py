@@ -1,0 +1,50 @@
+"""The tiny Table 2 preset end to end, and reports that survive missing methods and seeds."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ropim.report import build_table
+from ropim.reproduce import make_report, reproduce
+from ropim.results import read_results
+from tests.conftest import PROJECT_ROOT
+
+TINY = PROJECT_ROOT / "configs" / "table2_tiny.yaml"
+
+
+def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
+    results = tmp_path / "results" / "results.csv"
+    reports = tmp_path / "reports"
+    path = reproduce(TINY, [f"run.output_dir={tmp_path}/runs"], results, reports)
+    rows = read_results(results)
+    top1 = rows[rows["metric"] == "top1"]
+    assert len(top1) == 3 * 2 * 3  # methods x seeds x protocols
+    assert set(top1["method"]) == {"ropim", "mae", "simmim"}
+    assert set(top1["run_id"].str.split("/").str[0]) == {"table2_tiny"}
+    text = path.read_text()
+    assert path.name == "table2_tiny.md" and "± " in text and "(n=2)" in text
+    for name in ("table2_tiny.csv", "table2_tiny_accuracy_vs_time.png", "table2_tiny_bars.png"):
+        assert (reports / name).stat().st_size > 0
+    table = pd.read_csv(reports / "table2_tiny.csv", index_col="method")
+    assert list(table.index) == ["ropim", "mae", "simmim"]
+    assert table.loc["mae", "published finetune (ViT-B/16, IN-1k)"] == 83.6
+    assert pd.isna(table.loc["ropim", "published finetune (ViT-B/16, IN-1k)"])  # no source
+    # A second run trains and evaluates nothing again: the rows stay as they are.
+    reproduce(TINY, [f"run.output_dir={tmp_path}/runs"], results, reports)
+    assert len(read_results(results)) == len(rows)
+
+    # Drop one method entirely and one seed of another: the report shows them as missing.
+    partial = rows[
+        (rows["method"] != "simmim") & ~((rows["method"] == "mae") & (rows["seed"] == 1))
+    ]
+    partial.to_csv(results, index=False)
+    make_report(TINY, [], results, reports)
+    table = pd.read_csv(reports / "table2_tiny.csv", index_col="method")
+    assert table.loc["simmim", "knn top-1 (%)"] == "missing"
+    assert table.loc["mae", "seeds"] == "1/2" and "(n=1)" in table.loc["mae", "knn top-1 (%)"]
+
+
+def test_report_from_no_results_at_all_does_not_crash():
+    table = build_table(read_results("/nonexistent/results.csv"), "x", ["ropim", "mae"], [0])
+    assert list(table.index) == ["ropim", "mae"]
+    assert (table["pre-train s"] == "missing").all()
