@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,7 +70,8 @@ def evaluate_classification(
 
     frozen = {"knn", "linear"} & set(settings.protocols)
     if frozen:
-        device = torch.device("cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        backbone.to(device)
         train_x, train_y = extract_features(
             backbone, SeededViews(train_images, transform, seed), device
         )
@@ -116,8 +118,9 @@ def evaluate_classification(
         result = finetune_accuracy(fresh, cfg, settings.finetune, num_classes, seed)
         add("finetune", "top1", result["top1"])
         add("finetune", "seconds", time.perf_counter() - start)
-    append_results(results_path, rows)
-    write_json(run_dir / "classification.json", {"code": code_version(), "rows": rows})
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank evaluates; one writes
+        append_results(results_path, rows)
+        write_json(run_dir / "classification.json", {"code": code_version(), "rows": rows})
     return rows
 
 

@@ -42,6 +42,7 @@ def finetune_transform(cfg: Config, ft: FinetuneSettings) -> v2.Compose:
         scale=tuple(ft.crop_scale),
         hflip=ft.hflip,
         auto_augment=ft.rand_augment,
+        color_jitter=None,  # MAE's recipe: RandAugment only (timm adds jitter 0.4 otherwise)
         interpolation="bicubic",
         re_prob=ft.random_erasing,
         re_mode="pixel",
