@@ -16,6 +16,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ropim.backbone import ViTBackbone
+from ropim.errors import check_ratio
 from ropim.method import MaskingMethod, Recipe
 from ropim.patches import patchify
 
@@ -32,8 +33,7 @@ def random_token_mask(
     batch: int, tokens: int, mask_ratio: float, generator: torch.Generator | None, device
 ) -> TokenMask:
     """Shuffle each image's tokens independently; the first ``N·(1−ratio)`` stay visible."""
-    if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must lie strictly between 0 and 1, got {mask_ratio!r}")
+    check_ratio("mask_ratio", mask_ratio)
     n_keep = max(1, int(tokens * (1 - mask_ratio)))
     order = torch.rand(batch, tokens, generator=generator, device=device).argsort(dim=1)
     keep = order[:, :n_keep].sort(dim=1).values

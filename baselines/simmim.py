@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ropim.backbone import ViTBackbone
+from ropim.errors import check_ratio
 from ropim.method import MaskingMethod, Recipe, linear_pixel_head
 from ropim.patches import patchify
 
@@ -51,8 +52,7 @@ class SimMIM(MaskingMethod):
         self, backbone: ViTBackbone, mask_ratio: float = 0.6, mask_patch_size: int = 32
     ) -> None:
         super().__init__(backbone)
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must lie strictly between 0 and 1, got {mask_ratio!r}")
+        check_ratio("mask_ratio", mask_ratio)
         p = backbone.patch_size
         if mask_patch_size % p or backbone.img_size % mask_patch_size:
             raise ValueError(

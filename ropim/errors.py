@@ -11,3 +11,10 @@ class DataError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt or from another architecture."""
+
+
+def check_ratio(label: str, value: object) -> float:
+    """A share of tokens or pixels: strictly inside (0, 1), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{label} must lie strictly between 0 and 1, got {value!r}")
+    return float(value)

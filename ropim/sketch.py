@@ -14,14 +14,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ropim.errors import check_ratio
+
 Scaling = Literal["exact", "authors"]
 SCALINGS: tuple[str, ...] = ("exact", "authors")
 
 
 def num_buckets(num_tokens: int, ratio: float) -> int:
     """``K = ceil(ρ·N)``; validates ``ρ`` so a typo cannot silently train another method."""
-    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
-        raise ValueError(f"sketching ratio must lie strictly between 0 and 1, got {ratio!r}")
+    check_ratio("sketching ratio", ratio)
     if num_tokens < 2:
         raise ValueError(f"need at least 2 tokens to sketch, got {num_tokens}")
     # The epsilon keeps products such as 0.14·50 = 7.000000000000001 from rounding up.
