@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from timm.layers import resample_abs_pos_embed
+
 from ropim.backbone import ViTBackbone
 from ropim.checkpoint import WEIGHTS_FILE, CheckpointDir, check_architecture, read_weights
 from ropim.config import Config, load_config
@@ -38,3 +40,30 @@ def load_pretrained_encoder(
             f"unexpected {sorted(unexpected)[:5]}"
         )
     return backbone, cfg
+
+
+def dense_encoder(backbone: ViTBackbone, cfg: Config, img_size: int) -> ViTBackbone:
+    """The same encoder for dense tasks: position embeddings resampled once to ``img_size``
+    (as mmsegmentation and ViTDet do at load), other input sizes resampled per forward."""
+    if img_size % backbone.patch_size:
+        raise CheckpointError(
+            f"crop size {img_size} is not divisible by the encoder's patch size "
+            f"{backbone.patch_size}; pick a multiple of {backbone.patch_size}"
+        )
+    m = cfg.model
+    dense = ViTBackbone(
+        m.name,
+        img_size,
+        m.patch_size,
+        m.in_chans,
+        m.drop_path,
+        **(m.kwargs | {"dynamic_img_size": True}),
+    )
+    state = backbone.state_dict()
+    if backbone.vit.pos_embed is not None and dense.grid != backbone.grid:
+        prefix = 0 if backbone.vit.no_embed_class else backbone.num_prefix_tokens
+        state["vit.pos_embed"] = resample_abs_pos_embed(
+            state["vit.pos_embed"], list(dense.grid), list(backbone.grid), prefix
+        )
+    dense.load_state_dict(state)
+    return dense

@@ -45,7 +45,9 @@ def architecture_signature(method: nn.Module) -> dict[str, str]:
 
 def check_architecture(metadata: dict[str, str], module: nn.Module, path: str | Path) -> None:
     """Refuse weights from another architecture, naming every key that differs."""
-    if hasattr(module, "backbone"):
+    if hasattr(module, "signature"):  # downstream models describe themselves
+        expected = module.signature()  # type: ignore[operator]
+    elif hasattr(module, "backbone"):
         expected = architecture_signature(module)
     else:
         expected = backbone_signature(module)

@@ -37,16 +37,21 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--results", default="results/results.csv")
     rp.add_argument("--reports", default="reports")
     rp.add_argument("overrides", nargs="*")
-    ev = sub.add_parser("evaluate", help="classification protocols on pre-trained runs")
+    ev = sub.add_parser("evaluate", help="downstream tasks on pre-trained runs")
     ev.add_argument("runs", nargs="+", help="run directories (runs/<name> or compare folders)")
-    ev.add_argument("--config", "-c", help="YAML with a classification: section (protocols)")
+    ev.add_argument(
+        "--task",
+        action="append",
+        help="classification (default) or segmentation; repeat for several",
+    )
+    ev.add_argument("--config", "-c", help="YAML with the tasks' sections (e.g. a table2 preset)")
     ev.add_argument("--results", default="results/results.csv", help="CSV the rows append to")
     ev.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
-        help="classification.key=value, e.g. classification.linear.epochs=10",
+        help="<task>.key=value, e.g. classification.linear.epochs=10",
     )
     bp = sub.add_parser("bench-pretrain", help="step speed per method; ROPIM projection cost")
     bp.add_argument("--config", "-c", required=True, help="a comparison config")
@@ -114,17 +119,25 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from downstream.classification.evaluate import evaluate_classification
-    from downstream.classification.settings import classification_settings
+    from downstream.tasks import TASKS, evaluate_task, headline_metrics, task_settings
     from ropim.config import apply_overrides
 
     raw = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
     raw = apply_overrides(raw or {}, args.overrides)
-    settings = classification_settings(raw.get("classification"))
-    for run_dir in args.runs:
-        for row in evaluate_classification(run_dir, settings, args.results):
-            if row["metric"] == "top1":
-                print(f"{row['run_id']}: {row['protocol']} top-1 {row['value']:.2%}", flush=True)
+    tasks = args.task or ["classification"]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"unknown --task {unknown[0]!r}; choose from {sorted(TASKS)}")
+    for task in tasks:
+        settings = task_settings(task, raw)
+        for run_dir in args.runs:
+            for row in evaluate_task(task, run_dir, settings, args.results):
+                if row["metric"] in headline_metrics(task):
+                    print(
+                        f"{row['run_id']}: {task} {row['protocol']} {row['metric']} "
+                        f"{row['value']:.2%}",
+                        flush=True,
+                    )
     print(f"rows appended to {args.results}")
     return 0
 

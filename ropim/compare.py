@@ -30,7 +30,7 @@ BUDGET_KEYS = (
     "train.accelerator",
 )
 COMPARE_KEYS = {"name", "scale", "seeds", "methods"}
-EXTRA_SECTIONS = ("classification",)
+EXTRA_SECTIONS = ("classification", "segmentation", "detection")  # downstream tasks
 # The optimiser values a method may set for itself (its published recipe).
 RECIPE_KEYS = {
     "base_lr",

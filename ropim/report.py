@@ -17,16 +17,48 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 REFERENCES = Path(__file__).resolve().parent.parent / "reports" / "references.csv"
-PROTOCOL_ORDER = ("knn", "linear", "finetune")
+# The table's measured columns, in order: (task, protocol, metric) -> column title.
+HEADLINES = {
+    ("classification", "knn", "top1"): "knn top-1 (%)",
+    ("classification", "linear", "top1"): "linear top-1 (%)",
+    ("classification", "finetune", "top1"): "finetune top-1 (%)",
+    ("segmentation", "upernet", "mIoU"): "UperNet mIoU (%)",
+    ("detection", "vitdet_mask_rcnn", "box_AP"): "Mask R-CNN AP box (%)",
+    ("detection", "vitdet_mask_rcnn", "mask_AP"): "Mask R-CNN AP mask (%)",
+}
+# Published values shown beside the measured ones: (task, protocol, metric) -> column title.
+PUBLISHED = {
+    ("classification", "finetune", "top1"): "published finetune (ViT-B/16, IN-1k)",
+    ("classification", "linear", "top1"): "published linear (ViT-B/16, IN-1k)",
+    ("segmentation", "upernet", "mIoU"): "published mIoU (ADE20K)",
+    ("detection", "vitdet_mask_rcnn", "box_AP"): "published AP box (COCO)",
+    ("detection", "vitdet_mask_rcnn", "mask_AP"): "published AP mask (COCO)",
+}
+
+
+def _newest(results: pd.DataFrame, comparison: str) -> pd.DataFrame:
+    rows = results[results["run_id"].astype(str).str.startswith(f"{comparison}/")]
+    keys = ["run_id", "task", "protocol", "metric"]
+    return rows.sort_values("recorded_at").drop_duplicates(keys, keep="last")
 
 
 def accuracy_rows(results: pd.DataFrame, comparison: str) -> pd.DataFrame:
-    """Top-1 rows of one comparison, the newest measurement per run and protocol, in percent."""
-    rows = results[
-        (results["metric"] == "top1") & results["run_id"].str.startswith(f"{comparison}/")
+    """Headline rows of one comparison (newest per run and measure) in percent, with a
+    ``measure`` column naming the table column they fill."""
+    rows = _newest(results, comparison)
+    titles = [
+        HEADLINES.get((t, p, m))
+        for t, p, m in zip(rows["task"], rows["protocol"], rows["metric"], strict=True)
     ]
-    rows = rows.sort_values("recorded_at").drop_duplicates(["run_id", "protocol"], keep="last")
+    rows = rows.assign(measure=titles).dropna(subset=["measure"])
     return rows.assign(value=rows["value"] * 100)
+
+
+def majority_miou(results: pd.DataFrame, comparison: str) -> float | None:
+    """mIoU of predicting the most frequent class everywhere: the floor a segmenter must beat."""
+    rows = _newest(results, comparison)
+    rows = rows[(rows["task"] == "segmentation") & (rows["metric"] == "majority_mIoU")]
+    return float(rows["value"].mean() * 100) if len(rows) else None
 
 
 def build_table(
@@ -37,19 +69,12 @@ def build_table(
     references: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     rows = accuracy_rows(results, comparison)
-    order = {name: i for i, name in enumerate(PROTOCOL_ORDER)}
-    found = rows["protocol"].unique() if len(rows) else []
-    protocols = sorted(found, key=lambda p: (order.get(p, len(order)), p))
+    found = set(rows["measure"]) if len(rows) else set()
     table = pd.DataFrame(index=pd.Index(methods, name="method"))
-    for protocol in protocols:
-        stats = (
-            rows[rows["protocol"] == protocol]
-            .groupby("method")["value"]
-            .agg(["mean", "std", "count"])
-        )
-        table[f"{protocol} top-1 (%)"] = [
-            _cell(stats.loc[m]) if m in stats.index else "missing" for m in methods
-        ]
+    for measure in [title for title in HEADLINES.values() if title in found]:
+        stats = rows[rows["measure"] == measure].groupby("method")["value"]
+        stats = stats.agg(["mean", "std", "count"])
+        table[measure] = [_cell(stats.loc[m]) if m in stats.index else "missing" for m in methods]
     cost = (
         rows.drop_duplicates("run_id")
         .groupby("method")[["epochs_completed", "pretrain_seconds", "pretrain_images_per_s"]]
@@ -61,14 +86,17 @@ def build_table(
     table["pre-train epochs"] = [_num(cost, m, "epochs_completed", 2) for m in methods]
     table["pre-train s"] = [_num(cost, m, "pretrain_seconds", 0) for m in methods]
     table["pre-train img/s"] = [_num(cost, m, "pretrain_images_per_s", 0) for m in methods]
+    measured_tasks = set(rows["task"]) if len(rows) else {"classification"}
     if references is not None and len(references):
-        for protocol in ("finetune", "linear"):
+        for (task, protocol, metric), title in PUBLISHED.items():
+            if task not in measured_tasks:
+                continue
             ref = references[
-                (references["task"] == "classification") & (references["protocol"] == protocol)
+                (references["task"] == task)
+                & (references["protocol"] == protocol)
+                & (references["metric"] == metric)
             ].set_index("method")
-            table[f"published {protocol} (ViT-B/16, IN-1k)"] = [
-                f"{ref.loc[m, 'value']:.1f}" if m in ref.index else "" for m in methods
-            ]
+            table[title] = [f"{ref.loc[m, 'value']:.1f}" if m in ref.index else "" for m in methods]
     return table
 
 
@@ -105,16 +133,24 @@ def write_report(
     if header:
         lines += [header, ""]
     lines += [table.to_markdown(), ""]
-    if references is not None:
+    floor = majority_miou(results, comparison)
+    if floor is not None:
         lines += [
-            "Published values are ViT-B/16 on ImageNet-1k and are not comparable with a "
-            "smaller scale; sources:",
+            f"Predicting the most frequent class everywhere scores {floor:.1f} mIoU on the same "
+            f"validation set: the floor the segmentation column must beat.",
+            "",
+        ]
+    if references is not None:
+        measured_tasks = set(rows["task"]) if len(rows) else {"classification"}
+        lines += [
+            "Published values are ViT-B/16 pre-trained on ImageNet-1k and are not comparable "
+            "with a smaller scale; sources:",
             "",
         ]
         lines += [
-            f"- {r.method} {r.protocol}: {r.value} — {r.source}"
+            f"- {r.method} {r.task} {r.protocol} {r.metric}: {r.value} — {r.source}"
             for r in references.itertuples()
-            if r.task == "classification"
+            if r.task in measured_tasks
         ]
         lines.append("")
     lines += [f"![{name}]({name})" for name in figures]
@@ -130,18 +166,20 @@ def _figures(rows: pd.DataFrame, out_dir: Path, scale: str) -> list[str]:
         x="pretrain_seconds",
         y="value",
         hue="method",
-        col="protocol",
+        col="measure",
+        col_wrap=3,
         kind="scatter",
         height=3.2,
         s=60,
     )
-    time_plot.set_axis_labels("pre-training time (s)", "top-1 (%)")
+    time_plot.set_axis_labels("pre-training time (s)", "score (%)")
+    time_plot.set_titles("{col_name}")
     time_name = f"table2_{scale}_accuracy_vs_time.png"
     time_plot.savefig(out_dir / time_name, dpi=110)
     plt.close(time_plot.figure)
     bars = sns.catplot(
         data=rows,
-        x="protocol",
+        x="measure",
         y="value",
         hue="method",
         kind="bar",
@@ -149,7 +187,8 @@ def _figures(rows: pd.DataFrame, out_dir: Path, scale: str) -> list[str]:
         height=3.5,
         aspect=1.6,
     )
-    bars.set_axis_labels("protocol", "top-1 (%), mean ± sd over seeds")
+    bars.set_axis_labels("", "score (%), mean ± sd over seeds")
+    bars.ax.tick_params(axis="x", labelrotation=20)
     bar_name = f"table2_{scale}_bars.png"
     bars.savefig(out_dir / bar_name, dpi=110)
     plt.close(bars.figure)

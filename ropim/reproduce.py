@@ -1,7 +1,8 @@
 """``make reproduce-table2``: pre-train every method per seed, evaluate, collect, report.
 
 Every stage is restartable: finished pre-training runs are skipped, interrupted ones resume,
-evaluated runs (``classification.json`` present) are not evaluated twice.
+evaluated runs (``<task>.json`` present) are not evaluated twice. Tasks run one after another
+over all checkpoints, so the classification columns are complete before segmentation starts.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from downstream.classification.evaluate import evaluate_classification
-from downstream.classification.settings import classification_settings
+from downstream.tasks import configured_tasks, evaluate_task, headline_metrics, task_settings
 from ropim.compare import plan_comparison, run_comparison
 from ropim.config import apply_overrides
 from ropim.report import write_report
@@ -32,17 +32,19 @@ def reproduce(
     method_dirs: tuple = (),
 ) -> Path:
     raw = apply_overrides(yaml.safe_load(Path(config_path).read_text()), list(overrides or []))
-    settings = classification_settings(raw.get("classification"))
+    tasks = {task: task_settings(task, raw) for task in configured_tasks(raw)}
     planned = plan_comparison(config_path, overrides)
     run_dirs = run_comparison(planned, method_dirs)
-    for index, run_dir in enumerate(run_dirs, 1):
-        if (run_dir / "classification.json").is_file():
-            print(f"[eval {index}/{len(run_dirs)}] {run_dir.name}: evaluated earlier", flush=True)
-            continue
-        print(f"[eval {index}/{len(run_dirs)}] {run_dir.name}", flush=True)
-        for row in evaluate_classification(run_dir, settings, results_path):
-            if row["metric"] == "top1":
-                print(f"  {row['protocol']:<9} top-1 {row['value']:.2%}", flush=True)
+    for task, settings in tasks.items():
+        for index, run_dir in enumerate(run_dirs, 1):
+            label = f"[{task} {index}/{len(run_dirs)}] {run_dir.name}"
+            if (run_dir / f"{task}.json").is_file():
+                print(f"{label}: evaluated earlier", flush=True)
+                continue
+            print(label, flush=True)
+            for row in evaluate_task(task, run_dir, settings, results_path):
+                if row["metric"] in headline_metrics(task):
+                    print(f"  {row['protocol']:<9} {row['metric']} {row['value']:.2%}", flush=True)
     return make_report(config_path, overrides, results_path, reports_dir)
 
 

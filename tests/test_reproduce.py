@@ -21,6 +21,9 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
     assert len(top1) == 3 * 2 * 3  # methods x seeds x protocols
     assert set(top1["method"]) == {"ropim", "mae", "simmim"}
     assert set(top1["run_id"].str.split("/").str[0]) == {"table2_tiny"}
+    miou = rows[rows["metric"] == "mIoU"]
+    assert len(miou) == 3 * 2 and set(miou["task"]) == {"segmentation"}
+    assert miou["value"].between(0, 1).all()
     text = path.read_text()
     assert path.name == "table2_tiny.md" and "± " in text and "(n=2)" in text
     for name in ("table2_tiny.csv", "table2_tiny_accuracy_vs_time.png", "table2_tiny_bars.png"):
@@ -29,6 +32,9 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
     assert list(table.index) == ["ropim", "mae", "simmim"]
     assert table.loc["mae", "published finetune (ViT-B/16, IN-1k)"] == 83.6
     assert pd.isna(table.loc["ropim", "published finetune (ViT-B/16, IN-1k)"])  # no source
+    assert "(n=2)" in table.loc["ropim", "UperNet mIoU (%)"]
+    assert table.loc["mae", "published mIoU (ADE20K)"] == 48.1
+    assert "floor the segmentation column must beat" in text
     # A second run trains and evaluates nothing again: the rows stay as they are.
     reproduce(TINY, [f"run.output_dir={tmp_path}/runs"], results, reports)
     assert len(read_results(results)) == len(rows)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -16,29 +14,9 @@ from downstream.classification.knn import knn_accuracy
 from downstream.classification.linear_probe import linear_probe_accuracy
 from downstream.classification.settings import ClassificationSettings
 from downstream.encoder import load_pretrained_encoder
+from downstream.rows import RunRows
 from ropim.data import SeededViews, eval_transform, load_images
 from ropim.probe import extract_features
-from ropim.results import append_results
-from ropim.run_record import code_version, write_json
-
-
-def _row_base(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
-    budget = record.get("budget", {})
-    return {
-        "run_id": f"{run_dir.parent.name}/{run_dir.name}",
-        "method": record["method"]["name"],
-        "backbone": f"{record['architecture']['model']}@{record['architecture']['img_size']}"
-        f"/p{record['architecture']['patch_size']}/d{record['architecture']['depth']}",
-        "dataset": record["dataset"]["name"],
-        "budget_epochs": budget.get("epochs"),
-        "budget_seconds": budget.get("time_budget_s"),
-        "epochs_completed": round(record["epochs_completed"], 4),
-        "pretrain_seconds": round(record["train_time_s"], 2),
-        "pretrain_images_per_s": round(record["images_per_s"], 2),
-        "task": "classification",
-        "seed": record["seed"],
-        "code_version": (record.get("code") or {}).get("git_commit"),
-    }
 
 
 def evaluate_classification(
@@ -54,19 +32,8 @@ def evaluate_classification(
     train_images = load_images(cfg.data, "train")
     val_images = load_images(cfg.data, "val")
     num_classes = len(_classes(train_images))
-    base = _row_base(run_dir, record)
-    rows: list[dict[str, Any]] = []
-
-    def add(protocol: str, metric: str, value: float) -> None:
-        rows.append(
-            base
-            | {
-                "protocol": protocol,
-                "metric": metric,
-                "value": round(value, 6),
-                "recorded_at": datetime.now(timezone.utc).isoformat(),
-            }
-        )
+    rows = RunRows(run_dir, record, "classification")
+    add = rows.add
 
     frozen = {"knn", "linear"} & set(settings.protocols)
     if frozen:
@@ -118,10 +85,8 @@ def evaluate_classification(
         result = finetune_accuracy(fresh, cfg, settings.finetune, num_classes, seed)
         add("finetune", "top1", result["top1"])
         add("finetune", "seconds", time.perf_counter() - start)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank evaluates; one writes
-        append_results(results_path, rows)
-        write_json(run_dir / "classification.json", {"code": code_version(), "rows": rows})
-    return rows
+    rows.write(results_path)
+    return rows.rows
 
 
 def _classes(dataset: Any) -> list[str]:

@@ -1,0 +1,56 @@
+"""Tidy result rows for one evaluated pre-training run, shared by every downstream task."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ropim.results import append_results
+from ropim.run_record import code_version, write_json
+
+
+class RunRows:
+    """Collects rows that share the run's identity and cost; rank 0 alone writes them."""
+
+    def __init__(self, run_dir: Path, record: dict[str, Any], task: str) -> None:
+        budget = record.get("budget", {})
+        arch = record["architecture"]
+        self.run_dir = run_dir
+        self.task = task
+        self.base = {
+            "run_id": f"{run_dir.parent.name}/{run_dir.name}",
+            "method": record["method"]["name"],
+            "backbone": f"{arch['model']}@{arch['img_size']}/p{arch['patch_size']}"
+            f"/d{arch['depth']}",
+            "dataset": record["dataset"]["name"],
+            "budget_epochs": budget.get("epochs"),
+            "budget_seconds": budget.get("time_budget_s"),
+            "epochs_completed": round(record["epochs_completed"], 4),
+            "pretrain_seconds": round(record["train_time_s"], 2),
+            "pretrain_images_per_s": round(record["images_per_s"], 2),
+            "task": task,
+            "seed": record["seed"],
+            "code_version": (record.get("code") or {}).get("git_commit"),
+        }
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, protocol: str, metric: str, value: float) -> None:
+        self.rows.append(
+            self.base
+            | {
+                "protocol": protocol,
+                "metric": metric,
+                "value": round(float(value), 6),
+                "recorded_at": datetime.now(timezone.utc).isoformat(),
+            }
+        )
+
+    def write(self, results_path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Append to ``results_path`` and write ``<run>/<task>.json`` (the "evaluated" mark)."""
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank evaluates
+            return
+        append_results(results_path, self.rows)
+        payload = {"code": code_version(), "rows": self.rows} | (extra or {})
+        write_json(self.run_dir / f"{self.task}.json", payload)

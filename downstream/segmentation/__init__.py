@@ -1,0 +1,1 @@
+"""ADE20K-style semantic segmentation: UperNet on a multi-scale pyramid of ViT blocks."""
