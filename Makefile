@@ -43,7 +43,8 @@ bench-pretrain: setup  ## images/s of each method's step; ROPIM projection vs. d
 
 SCALE ?= smoke
 reproduce-table2: setup  ## pre-train all methods x seeds, evaluate, write reports/table2_$(SCALE).md
-	$(BIN)/ropim reproduce --config configs/table2_$(SCALE).yaml $(if $(IMAGENET_DIR),data.root=$(IMAGENET_DIR)) $(ARGS)
+	$(BIN)/ropim reproduce --config configs/table2_$(SCALE).yaml $(if $(IMAGENET_DIR),data.root=$(IMAGENET_DIR)) \
+		$(if $(ADE20K_DIR),segmentation.root=$(ADE20K_DIR)) $(if $(COCO_DIR),detection.root=$(COCO_DIR)) $(ARGS)
 
 report: setup  ## rebuild reports/table2_$(SCALE).md from results/results.csv (no training)
 	$(BIN)/ropim report --config configs/table2_$(SCALE).yaml

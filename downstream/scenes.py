@@ -124,6 +124,14 @@ def spec_of(settings: SceneSpec) -> SceneSpec:
     return SceneSpec(**{f.name: getattr(settings, f.name) for f in fields(SceneSpec)})
 
 
+def scene_dataset_dir(spec: SceneSpec, folder: str | Path, layout: str) -> Path:
+    """Where a generated set lives: named by its size and a digest of its whole spec."""
+    plain = spec_of(spec)
+    digest = derive_seed(*sorted(asdict(plain).items())) % 10**8
+    name = f"digit_scenes_{layout}_{plain.canvas}px_{plain.train_scenes}_{plain.val_scenes}"
+    return Path(folder) / f"{name}_{digest:08d}"
+
+
 def scene_digits(split: str) -> MnistDigits:
     return MnistDigits("train" if split == "train" else "val")
 
@@ -156,3 +164,57 @@ def write_ade20k_scenes(root: str | Path, spec: SceneSpec) -> Path:
             Image.fromarray(scene.label).save(labels_dir / f"{stem}.png")
     (folder / "scenes.json").write_text(json.dumps(asdict(spec), indent=2))
     return folder
+
+
+COCO_SPLITS = ("train", "val")
+
+
+def coco_annotations(scene: Scene, image_id: int, first_id: int, file_name: str) -> tuple:
+    """The COCO image record and one instance per digit: RLE mask, box, area, category."""
+    from pycocotools import mask as mask_utils
+
+    height, width = scene.label.shape
+    image = {"id": image_id, "file_name": file_name, "height": height, "width": width}
+    annotations = []
+    for offset, instance in enumerate(scene.instances):
+        rle = mask_utils.encode(np.asfortranarray(instance.mask.astype(np.uint8)))
+        x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
+        annotations.append(
+            {
+                "id": first_id + offset,
+                "image_id": image_id,
+                "category_id": instance.digit + 1,  # COCO ids start at 1; name = the digit
+                "segmentation": {"size": [height, width], "counts": rle["counts"].decode()},
+                "area": float(mask_utils.area(rle)),
+                "bbox": [x, y, w, h],
+                "iscrowd": 0,
+            }
+        )
+    return image, annotations
+
+
+def write_coco_scenes(root: str | Path, spec: SceneSpec) -> Path:
+    """The same scenes as a COCO dataset: ``<root>/{train,val}/*.jpg`` and
+    ``<root>/annotations/instances_{train,val}.json``; returns ``root``."""
+    root = Path(root)
+    if spec_matches(root, spec):
+        return root
+    categories = [{"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)]
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split in COCO_SPLITS:
+        digits = scene_digits(split)
+        folder = root / split
+        folder.mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        count = spec.train_scenes if split == "train" else spec.val_scenes
+        for index in range(count):
+            scene = compose_scene(spec, digits, split, index)
+            name = f"scene_{split}_{index:08d}.jpg"
+            Image.fromarray(scene.image).save(folder / name, quality=95)
+            image, anns = coco_annotations(scene, index + 1, len(annotations) + 1, name)
+            images.append(image)
+            annotations.extend(anns)
+        payload = {"images": images, "annotations": annotations, "categories": categories}
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(payload))
+    (root / "scenes.json").write_text(json.dumps(asdict(spec), indent=2))
+    return root

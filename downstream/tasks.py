@@ -21,6 +21,11 @@ TASKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "downstream.segmentation.evaluate:evaluate_segmentation",
         ("mIoU",),
     ),
+    "detection": (
+        "downstream.detection.settings:detection_settings",
+        "downstream.detection.evaluate:evaluate_detection",
+        ("box_AP", "mask_AP"),
+    ),
 }
 
 

@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--task",
         action="append",
-        help="classification (default) or segmentation; repeat for several",
+        help="classification (default), segmentation or detection; repeat for several",
     )
     ev.add_argument("--config", "-c", help="YAML with the tasks' sections (e.g. a table2 preset)")
     ev.add_argument("--results", default="results/results.csv", help="CSV the rows append to")

@@ -24,6 +24,8 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
     miou = rows[rows["metric"] == "mIoU"]
     assert len(miou) == 3 * 2 and set(miou["task"]) == {"segmentation"}
     assert miou["value"].between(0, 1).all()
+    ap = rows[rows["metric"].isin(["box_AP", "mask_AP"])]
+    assert len(ap) == 3 * 2 * 2 and set(ap["task"]) == {"detection"}
     text = path.read_text()
     assert path.name == "table2_tiny.md" and "± " in text and "(n=2)" in text
     for name in ("table2_tiny.csv", "table2_tiny_accuracy_vs_time.png", "table2_tiny_bars.png"):
@@ -34,6 +36,8 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
     assert pd.isna(table.loc["ropim", "published finetune (ViT-B/16, IN-1k)"])  # no source
     assert "(n=2)" in table.loc["ropim", "UperNet mIoU (%)"]
     assert table.loc["mae", "published mIoU (ADE20K)"] == 48.1
+    assert "(n=2)" in table.loc["simmim", "Mask R-CNN AP mask (%)"]
+    assert table.loc["mae", "published AP box (COCO)"] == 51.6
     assert "floor the segmentation column must beat" in text
     # A second run trains and evaluates nothing again: the rows stay as they are.
     reproduce(TINY, [f"run.output_dir={tmp_path}/runs"], results, reports)

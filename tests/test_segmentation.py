@@ -147,6 +147,7 @@ def test_slide_equals_whole_when_the_window_covers_the_image():
 
 
 TINY_SEGMENTATION = {
+    "dataset": "digit_scenes",
     "crop_size": 56,
     "scale": [224, 56],
     "ratio_range": [0.75, 1.5],
@@ -186,6 +187,8 @@ def test_tiny_finetune_lowers_the_loss_and_beats_all_background(tmp_path):
 
 def test_segmentation_settings_are_checked():
     with pytest.raises(ConfigError, match="segmentation.inference"):
-        segmentation_settings({"inference": "tiles"})
+        segmentation_settings({"dataset": "digit_scenes", "inference": "tiles"})
     with pytest.raises(ConfigError, match="unknown config key segmentation.crop"):
         segmentation_settings({"crop": 3})
+    with pytest.raises(ConfigError, match="segmentation.root is required .*ADE20K_DIR"):
+        segmentation_settings({})

@@ -20,7 +20,8 @@ class SceneSettings(SceneSpec):
 
 @dataclass
 class SegmentationSettings:
-    root: str | None = None  # ADE20K folder (holding ADEChallengeData2016/); None: digit scenes
+    dataset: str = "ade20k"  # or "digit_scenes" (generated from the bundled digits)
+    root: str | None = None  # ade20k: the folder holding ADEChallengeData2016/
     num_classes: int | None = None  # None: 150 for ADE20K, 11 for digit scenes
     reduce_zero_label: bool = True
     crop_size: int = 512
@@ -53,6 +54,15 @@ class SegmentationSettings:
 
 def segmentation_settings(raw: dict[str, Any] | None) -> SegmentationSettings:
     settings = build_section(SegmentationSettings, raw or {}, "segmentation.")
+    if settings.dataset not in ("ade20k", "digit_scenes"):
+        raise ConfigError(
+            f"segmentation.dataset={settings.dataset!r} must be ade20k or digit_scenes"
+        )
+    if settings.dataset == "ade20k" and not settings.root:
+        raise ConfigError(
+            "segmentation.root is required for segmentation.dataset=ade20k: the folder holding "
+            "ADEChallengeData2016/ (make: ADE20K_DIR=...), or use dataset=digit_scenes"
+        )
     if settings.inference not in ("slide", "whole"):
         raise ConfigError(f"segmentation.inference={settings.inference!r} must be slide or whole")
     if settings.iterations <= 0 or settings.batch_size <= 0:

@@ -1,0 +1,133 @@
+"""Fine-tune a pre-trained encoder as ViTDet Mask R-CNN and score box and mask AP with COCOeval.
+
+AdamW with layer-wise lr decay, linear warmup then x0.1 steps (timm's schedulers), large-scale
+jitter seeded per (seed, epoch, image), checkpoints under ``<run>/detection/`` with resume, and
+predictions gathered from every rank before one COCOeval.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.scheduler import MultiStepLRScheduler
+from torch import nn
+
+from downstream.detection.coco_eval import coco_evaluate, coco_results, gather_predictions
+from downstream.detection.dataset import CocoInstances
+from downstream.detection.model import ViTDetMaskRCNN
+from downstream.detection.settings import DetectionSettings
+from downstream.detection.transforms import LargeScaleJitter, to_model_input
+from downstream.encoder import dense_encoder, load_pretrained_encoder
+from downstream.loop import LoopPlan, SeededPairs, layer_decay_adamw, train_iterations
+from downstream.scenes import scene_dataset_dir, spec_of, write_coco_scenes
+from ropim.data import dataset_stats
+from ropim.seeding import derive_seed
+from ropim.trainer import make_fabric
+
+
+def resolve_data(settings: DetectionSettings) -> tuple[Path, str]:
+    if settings.dataset == "coco":
+        return Path(settings.root or "").expanduser(), "coco"
+    s = settings.scenes
+    return write_coco_scenes(scene_dataset_dir(s, s.folder, "coco"), spec_of(s)), "digit_scenes"
+
+
+def collate_lists(batch: list) -> tuple[list, list]:
+    """Detection batches stay lists: images and targets differ in size."""
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
+def finetune_detection(run_dir: str | Path, settings: DetectionSettings) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    root, dataset_name = resolve_data(settings)
+    train = CocoInstances(root, "train")
+    val = CocoInstances(root, "val")
+    encoder, cfg = load_pretrained_encoder(run_dir, drop_path=settings.drop_path)
+    seed = cfg.run.seed
+    mean, std = dataset_stats(cfg.data)
+    torch.manual_seed(derive_seed(seed, "detection-heads"))
+    model = ViTDetMaskRCNN(
+        dense_encoder(encoder, cfg, settings.image_size),
+        train.num_classes,
+        settings.image_size,
+        mean,
+        std,
+        fpn_channels=settings.fpn_channels,
+        box_head_dim=settings.box_head_dim,
+        mask_head_layers=settings.mask_head_layers,
+        rpn_pre_nms_top_n=settings.rpn_pre_nms_top_n,
+        rpn_post_nms_top_n=settings.rpn_post_nms_top_n,
+        rpn_batch_per_image=settings.rpn_batch_per_image,
+        roi_batch_per_image=settings.roi_batch_per_image,
+        score_threshold=settings.score_threshold,
+        detections_per_image=settings.detections_per_image,
+    )
+    fabric = make_fabric(cfg.train.accelerator, cfg.train.precision)
+    optimizer = layer_decay_adamw(
+        model, settings.lr, settings.weight_decay, settings.layer_decay, settings.betas
+    )
+    total = max(1, math.ceil(settings.epochs * len(train) / settings.batch_size))
+    scheduler = MultiStepLRScheduler(
+        optimizer,
+        decay_t=[round(share * total) for share in settings.decay_at],
+        decay_rate=0.1,
+        warmup_t=min(settings.warmup_iters, total - 1),
+        warmup_lr_init=settings.lr * 1e-3,
+        warmup_prefix=False,
+        t_in_epochs=False,
+    )
+    augment = LargeScaleJitter(
+        settings.image_size, settings.scale_range, settings.hflip, cfg.model.in_chans
+    )
+    views = SeededPairs(train, augment, seed, "detection-view")
+    plan = LoopPlan.of(settings, total, seed)
+
+    def step_loss(net: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        images, targets = batch
+        losses = net(images, targets)
+        return sum(losses.values()), {k: float(v.detach()) for k, v in losses.items()}
+
+    trained = train_iterations(
+        fabric,
+        model,
+        optimizer,
+        scheduler,
+        views,
+        plan,
+        step_loss,
+        run_dir / "detection",
+        f"det {run_dir.name}",
+        collate=collate_lists,
+    )
+    scores = evaluate_detector(trained.model, val, cfg.model.in_chans, fabric)
+    terms = [k for k in trained.history[-1] if k != "loss"] if trained.history else []
+    return scores | {
+        "dataset": dataset_name,
+        "num_classes": train.num_classes,
+        "iterations": total,
+        "train_seconds": trained.train_seconds,
+        "images_per_s": total * settings.batch_size / max(trained.train_seconds, 1e-9),
+        "first_losses": {k: trained.mean_of(k, "first") for k in ["loss", *terms]},
+        "last_losses": {k: trained.mean_of(k, "last") for k in ["loss", *terms]},
+        "loss_curves": {k: trained.curve(k) for k in ["loss", *terms]},
+    }
+
+
+@torch.no_grad()
+def evaluate_detector(model: nn.Module, val: CocoInstances, in_chans: int, fabric: Any) -> dict:
+    """Each rank predicts every world-th image; the merged results go through COCOeval."""
+    model.eval()
+    start = time.perf_counter()
+    local = []
+    for index in range(fabric.global_rank, len(val), fabric.world_size):
+        image, target = val[index]
+        output = model([to_model_input(image, in_chans).to(fabric.device)])[0]
+        local += coco_results(output, int(target["image_id"]), val.category_ids)
+    merged = gather_predictions(local)
+    scores = coco_evaluate(val.coco, merged, val.image_ids)
+    return scores | {"detections": len(merged), "eval_seconds": time.perf_counter() - start}

@@ -1,0 +1,132 @@
+"""Mask R-CNN (torchvision's heads, RPN, RoIAlign and NMS) on ViTDet's simple feature pyramid:
+the last block's features rescaled x4, x2, x1, x0.5, each through 1x1 and 3x3 convolutions
+with LayerNorm, plus a stride-2 max-pool level for the RPN. Anchors are 8 strides wide on every
+level (32-512 px for a /16 ViT, as in ViTDet)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from torch import Tensor, nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+
+from downstream.pyramid import ViTPyramid
+from ropim.backbone import ViTBackbone
+from ropim.checkpoint import backbone_signature
+from ropim.errors import ConfigError
+
+LEVELS = ("0", "1", "2", "3")
+
+
+class SimpleFeaturePyramid(nn.Module):
+    def __init__(self, backbone: ViTBackbone, channels: int) -> None:
+        super().__init__()
+        self.pyramid = ViTPyramid(backbone, [len(backbone.vit.blocks) - 1], norm=LayerNorm2d)
+        dim = backbone.embed_dim
+        self.outputs = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(dim, channels, kernel_size=1, bias=False),
+                LayerNorm2d(channels),
+                nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
+                LayerNorm2d(channels),
+            )
+            for _ in LEVELS
+        )
+        self.out_channels = channels
+        self.strides = [*self.pyramid.strides, self.pyramid.strides[-1] * 2]
+
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        levels = [out(x) for out, x in zip(self.outputs, self.pyramid(images), strict=True)]
+        features = OrderedDict(zip(LEVELS, levels, strict=True))
+        features["pool"] = F.max_pool2d(levels[-1], kernel_size=1, stride=2)
+        return features
+
+
+class ViTDetMaskRCNN(nn.Module):
+    def __init__(
+        self,
+        backbone: ViTBackbone,
+        num_classes: int,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        fpn_channels: int = 256,
+        box_head_dim: int = 1024,
+        mask_head_layers: Sequence[int] = (256, 256, 256, 256),
+        rpn_pre_nms_top_n: Sequence[int] = (2000, 1000),
+        rpn_post_nms_top_n: Sequence[int] = (1000, 1000),
+        rpn_batch_per_image: int = 256,
+        roi_batch_per_image: int = 512,
+        score_threshold: float = 0.05,
+        detections_per_image: int = 100,
+    ) -> None:
+        super().__init__()
+        patch = backbone.patch_size
+        if patch < 4 or patch & (patch - 1):
+            raise ConfigError(
+                f"detection needs a power-of-two patch size >= 4 (got {patch}): torchvision's "
+                f"RoIAlign infers each level's scale as a power of two"
+            )
+        sfp = SimpleFeaturePyramid(backbone, fpn_channels)
+        anchors = AnchorGenerator(
+            sizes=tuple((int(8 * s),) for s in sfp.strides),
+            aspect_ratios=((0.5, 1.0, 2.0),) * len(sfp.strides),
+        )
+        layers = list(mask_head_layers)
+        self.detector = MaskRCNN(
+            sfp,
+            num_classes=None,
+            min_size=image_size,
+            max_size=image_size,
+            image_mean=list(mean)[: backbone.in_chans],
+            image_std=list(std)[: backbone.in_chans],
+            size_divisible=4 * patch,  # every level, the x0.5 and pool ones too, divides evenly
+            rpn_anchor_generator=anchors,
+            rpn_batch_size_per_image=rpn_batch_per_image,
+            rpn_pre_nms_top_n_train=rpn_pre_nms_top_n[0],
+            rpn_pre_nms_top_n_test=rpn_pre_nms_top_n[1],
+            rpn_post_nms_top_n_train=rpn_post_nms_top_n[0],
+            rpn_post_nms_top_n_test=rpn_post_nms_top_n[1],
+            box_roi_pool=MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=0),
+            box_head=TwoMLPHead(fpn_channels * 7 * 7, box_head_dim),
+            box_predictor=FastRCNNPredictor(box_head_dim, num_classes + 1),
+            box_batch_size_per_image=roi_batch_per_image,
+            box_score_thresh=score_threshold,
+            box_detections_per_img=detections_per_image,
+            mask_roi_pool=MultiScaleRoIAlign(list(LEVELS), output_size=14, sampling_ratio=0),
+            mask_head=MaskRCNNHeads(fpn_channels, layers, dilation=1),
+            mask_predictor=MaskRCNNPredictor(layers[-1], layers[-1], num_classes + 1),
+        )
+        self.num_classes = num_classes
+
+    @property
+    def backbone(self) -> ViTBackbone:
+        return self.detector.backbone.pyramid.backbone
+
+    def forward(self, images: list[Tensor], targets: list[dict] | None = None):
+        return self.detector(images, targets)
+
+    def signature(self) -> dict[str, str]:
+        return backbone_signature(self.backbone) | {
+            "task": "detection",
+            "num_classes": str(self.num_classes),
+            "num_parameters": str(sum(p.numel() for p in self.parameters())),
+        }
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        vit = r"^detector\.backbone\.pyramid\.backbone\.vit\."
+        return {
+            "stem": vit + r"(?:cls_token|reg_token|pos_embed|patch_embed)",
+            "blocks": [(vit + r"blocks\.(\d+)", None)],
+        }
+
+    def no_weight_decay(self) -> set[str]:
+        prefix = "detector.backbone.pyramid.backbone."
+        return {prefix + name for name in self.backbone.no_weight_decay()}

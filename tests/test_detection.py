@@ -1,0 +1,196 @@
+"""Detection: digit scenes as COCO, reader errors, COCOeval, LSJ, the ViTDet pyramid, Mask R-CNN."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from downstream.detection.coco_eval import coco_evaluate, merge_rank_predictions
+from downstream.detection.dataset import CocoInstances, load_coco
+from downstream.detection.evaluate import evaluate_detection
+from downstream.detection.model import SimpleFeaturePyramid, ViTDetMaskRCNN
+from downstream.detection.settings import detection_settings
+from downstream.detection.transforms import LargeScaleJitter
+from downstream.scenes import SceneSpec, compose_scene, scene_digits, write_coco_scenes
+from ropim.config import load_config
+from ropim.errors import ConfigError, DataError
+from ropim.trainer import pretrain
+from tests.conftest import TINY_CONFIG, tiny_backbone
+
+SMALL = SceneSpec(canvas=48, train_scenes=6, val_scenes=4, max_digits=3)
+
+
+def test_generated_annotations_load_and_score_ap_one_as_predictions(tmp_path):
+    root = write_coco_scenes(tmp_path, SMALL)
+    coco = load_coco(root / "annotations" / "instances_val.json")
+    assert len(coco.imgs) == 4 and len(coco.cats) == 10
+    digits = scene_digits("val")
+    for image_id in coco.imgs:
+        scene = compose_scene(SMALL, digits, "val", image_id - 1)
+        anns = coco.imgToAnns[image_id]
+        assert [a["category_id"] - 1 for a in anns] == [i.digit for i in scene.instances]
+        for ann, instance in zip(anns, scene.instances, strict=True):
+            assert (coco.annToMask(ann) == instance.mask).all()
+            assert ann["area"] == instance.mask.sum()
+    results = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "segmentation": a["segmentation"],
+            "score": 1.0,
+        }
+        for a in coco.dataset["annotations"]
+    ]
+    scores = coco_evaluate(coco, results, sorted(coco.imgs))
+    assert scores["box_AP"] == pytest.approx(1.0) and scores["mask_AP"] == pytest.approx(1.0)
+    assert scores["box_AP50"] == pytest.approx(1.0) and scores["mask_AP75"] == pytest.approx(1.0)
+    # Shifting every box by half its width halves IoU: AP drops, so the check can fail.
+    shifted = [r | {"bbox": [r["bbox"][0] + r["bbox"][2] / 2, *r["bbox"][1:]]} for r in results]
+    assert coco_evaluate(coco, shifted, sorted(coco.imgs))["box_AP"] < 0.5
+    assert coco_evaluate(coco, [], sorted(coco.imgs))["mask_AP"] == 0.0
+
+
+def test_reader_targets_and_images_without_annotations(tmp_path):
+    root = write_coco_scenes(tmp_path, SMALL)
+    path = root / "annotations" / "instances_train.json"
+    payload = json.loads(path.read_text())
+    payload["annotations"] = [a for a in payload["annotations"] if a["image_id"] != 1]
+    crowd = next(a for a in payload["annotations"] if a["image_id"] == 2)
+    crowd["iscrowd"] = 1
+    path.write_text(json.dumps(payload))
+    data = CocoInstances(root, "train")
+    image, target = data[0]
+    assert image.shape == (3, 48, 48) and target["boxes"].shape == (0, 4)
+    assert target["masks"].shape == (0, 48, 48)
+    kept = data[1][1]
+    all_on_image_2 = [a for a in payload["annotations"] if a["image_id"] == 2]
+    assert len(kept["labels"]) == len(all_on_image_2) - 1  # the crowd region is not a target
+    assert (kept["labels"] >= 1).all() and (kept["labels"] <= 10).all()
+    box = kept["boxes"][0]
+    mask = kept["masks"][0].bool()
+    ys, xs = mask.nonzero(as_tuple=True)
+    assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_malformed_annotations_and_missing_images_are_named(tmp_path):
+    root = write_coco_scenes(tmp_path, SMALL)
+    path = root / "annotations" / "instances_val.json"
+    payload = json.loads(path.read_text())
+    bad = payload["annotations"][2]
+    bad["bbox"] = [1, 2, 3]
+    path.write_text(json.dumps(payload))
+    with pytest.raises(DataError, match=f"annotation id {bad['id']} .*malformed bbox"):
+        CocoInstances(root, "val")
+    bad["bbox"] = [1, 2, 3, 4]
+    bad["image_id"] = 999
+    path.write_text(json.dumps(payload))
+    with pytest.raises(DataError, match=f"annotation id {bad['id']} .*not in 'images'"):
+        CocoInstances(root, "val")
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="cannot read COCO annotations"):
+        CocoInstances(root, "val")
+    (root / "train" / "scene_train_00000003.jpg").unlink()
+    with pytest.raises(DataError, match="missing on disk, e.g. .*scene_train_00000003.jpg"):
+        CocoInstances(root, "train")
+    with pytest.raises(DataError, match="instances_test.json"):
+        CocoInstances(root, "test")
+
+
+def test_large_scale_jitter_gives_fixed_size_and_boxes_that_fit_the_masks(tmp_path):
+    data = CocoInstances(write_coco_scenes(tmp_path, SMALL), "train")
+    jitter = LargeScaleJitter(64, [0.3, 2.0], 0.5, in_chans=3)
+    torch.manual_seed(0)
+    seen_fewer = False
+    for index in range(len(data)):
+        for _ in range(4):
+            image, target = jitter(*data[index])
+            assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+            assert target["masks"].shape[1:] == (64, 64)
+            assert len(target["boxes"]) == len(target["labels"]) == len(target["masks"])
+            for box, mask in zip(target["boxes"], target["masks"], strict=True):
+                ys, xs = mask.nonzero(as_tuple=True)
+                assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            seen_fewer |= len(target["labels"]) < len(data[index][1]["labels"])
+    assert seen_fewer, "crops at scale 2 cut some digits away"
+
+
+@pytest.mark.parametrize("patch", [4, 8, 16])
+def test_simple_feature_pyramid_strides(patch):
+    sfp = SimpleFeaturePyramid(tiny_backbone(img_size=64, patch_size=patch), channels=8)
+    features = sfp(torch.randn(1, 3, 64, 64))
+    assert list(features) == ["0", "1", "2", "3", "pool"]
+    expected = [patch / 4, patch / 2, patch, 2 * patch, 4 * patch]
+    assert sfp.strides == expected
+    for level, stride in zip(features.values(), expected, strict=True):
+        assert level.shape == (1, 8, int(64 // stride), int(64 // stride))
+
+
+def test_detection_refuses_patch_sizes_roi_align_cannot_scale():
+    with pytest.raises(ConfigError, match="power-of-two patch size"):
+        ViTDetMaskRCNN(tiny_backbone(img_size=28, patch_size=7), 10, 28, [0.5] * 3, [0.5] * 3)
+
+
+def test_detection_settings_are_checked():
+    with pytest.raises(ConfigError, match="detection.root is required .*COCO_DIR"):
+        detection_settings({})
+    with pytest.raises(ConfigError, match="detection.scale_range"):
+        detection_settings({"dataset": "digit_scenes", "scale_range": [2.0, 1.0]})
+
+
+def test_rank_predictions_merge_without_duplicates():
+    rank0 = [{"image_id": 1, "score": 0.9}, {"image_id": 1, "score": 0.8}, {"image_id": 3}]
+    rank1 = [{"image_id": 2, "score": 0.7}, {"image_id": 1, "score": 0.9}]  # 1 padded again
+    merged = merge_rank_predictions([rank0, rank1])
+    assert sorted(r["image_id"] for r in merged) == [1, 1, 2, 3]
+    assert merged[:2] == rank0[:2]
+
+
+TINY_DETECTION = {
+    "dataset": "digit_scenes",
+    "image_size": 48,
+    "scale_range": [0.8, 1.25],
+    "epochs": 12,
+    "batch_size": 8,
+    "lr": 1.0e-3,
+    "warmup_iters": 5,
+    "layer_decay": 0.9,
+    "fpn_channels": 32,
+    "box_head_dim": 64,
+    "mask_head_layers": [32],
+    "rpn_pre_nms_top_n": [200, 100],
+    "rpn_post_nms_top_n": [100, 50],
+    "rpn_batch_per_image": 64,
+    "roi_batch_per_image": 64,
+    "detections_per_image": 10,
+    "log_every": 10,
+    "checkpoint_every": 40,
+    "scenes": {"canvas": 48, "train_scenes": 48, "val_scenes": 8, "max_digits": 2},
+}
+
+
+def test_tiny_finetune_lowers_every_loss_and_finds_digits(tmp_path):
+    overrides = [f"run.output_dir={tmp_path}", "model.patch_size=4"]
+    run_dir = pretrain(load_config(TINY_CONFIG, overrides))
+    raw = TINY_DETECTION | {"scenes": TINY_DETECTION["scenes"] | {"folder": str(tmp_path)}}
+    rows = evaluate_detection(run_dir, detection_settings(raw), tmp_path / "results.csv")
+    value = {r["metric"]: r["value"] for r in rows}
+    assert value["box_AP"] > 0 and value["mask_AP"] > 0, value
+    scores = json.loads((run_dir / "detection.json").read_text())["scores"]
+    first, last = scores["first_losses"], scores["last_losses"]
+    assert set(first) == {
+        "loss",
+        "loss_classifier",
+        "loss_box_reg",
+        "loss_mask",
+        "loss_objectness",
+        "loss_rpn_box_reg",
+    }
+    # torchvision divides the box loss by all sampled RoIs: it starts near zero (the only
+    # positives are the ground-truth boxes added as proposals, whose targets are zero), rises
+    # as the RPN starts proposing near-misses, then falls as regression is learned.
+    assert all(last[k] < first[k] for k in first if k != "loss_box_reg"), (first, last)
+    box_curve = scores["loss_curves"]["loss_box_reg"]
+    assert len(box_curve) == 8 and box_curve[-1] < 0.9 * max(box_curve), box_curve
