@@ -194,3 +194,29 @@ def test_tiny_finetune_lowers_every_loss_and_finds_digits(tmp_path):
     assert all(last[k] < first[k] for k in first if k != "loss_box_reg"), (first, last)
     box_curve = scores["loss_curves"]["loss_box_reg"]
     assert len(box_curve) == 8 and box_curve[-1] < 0.9 * max(box_curve), box_curve
+
+
+def _gather_on_rank(rank: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    from downstream.detection.coco_eval import gather_predictions
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    local = [
+        [{"image_id": 1, "score": 0.9}, {"image_id": 3, "score": 0.5}],
+        [{"image_id": 2, "score": 0.8}, {"image_id": 1, "score": 0.9}],  # 1 again: padding
+    ][rank]
+    merged = gather_predictions(local)
+    if rank == 0:
+        with open(out_file, "w") as handle:
+            json.dump(merged, handle)
+    dist.destroy_process_group()
+
+
+def test_predictions_from_two_processes_are_gathered_once(tmp_path):
+    out = tmp_path / "merged.json"
+    torch.multiprocessing.spawn(
+        _gather_on_rank, args=(str(tmp_path / "init"), str(out)), nprocs=2, join=True
+    )
+    merged = json.loads(out.read_text())
+    assert sorted(r["image_id"] for r in merged) == [1, 2, 3]
