@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import operator
+import re
 from pathlib import Path
+from typing import ClassVar
 
 from timm.layers import resample_abs_pos_embed
+from torch import nn
 
 from ropim.backbone import ViTBackbone
-from ropim.checkpoint import WEIGHTS_FILE, CheckpointDir, check_architecture, read_weights
+from ropim.checkpoint import (
+    WEIGHTS_FILE,
+    CheckpointDir,
+    architecture_signature,
+    check_architecture,
+    read_weights,
+)
 from ropim.config import Config, load_config
 from ropim.errors import CheckpointError
 from ropim.trainer import build_encoder
@@ -67,3 +77,33 @@ def dense_encoder(backbone: ViTBackbone, cfg: Config, img_size: int) -> ViTBackb
         )
     dense.load_state_dict(state)
     return dense
+
+
+class FineTunedViT(nn.Module):
+    """A downstream model around one pre-trained ViT: its checkpoint signature, the layer
+    groups timm's layer-wise lr decay reads (stem, blocks in order, everything else last) and
+    the names kept out of weight decay."""
+
+    ENCODER_PATH: ClassVar[str]  # dotted attribute path of the ViTBackbone inside the model
+    TASK: ClassVar[str]
+    num_classes: int
+
+    @property
+    def encoder(self) -> ViTBackbone:
+        return operator.attrgetter(self.ENCODER_PATH)(self)
+
+    def signature(self) -> dict[str, str]:
+        """What a fine-tuning checkpoint must match to be resumed into this model."""
+        return architecture_signature(
+            self, self.encoder, task=self.TASK, num_classes=str(self.num_classes)
+        )
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        vit = "^" + re.escape(f"{self.ENCODER_PATH}.vit.")
+        return {
+            "stem": vit + r"(?:cls_token|reg_token|pos_embed|patch_embed)",
+            "blocks": [(vit + r"blocks\.(\d+)", None)],
+        }
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"{self.ENCODER_PATH}.{name}" for name in self.encoder.no_weight_decay()}

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ropim.checkpoint import CheckpointDir
-from ropim.data import epoch_batches
+from ropim.data import SeededViews, epoch_batches
 from ropim.errors import ConfigError
 from ropim.progress import ProgressDisplay
 from ropim.run_record import MetricsLog
@@ -25,29 +25,21 @@ from ropim.seeding import derive_seed
 StepLoss = Callable[[nn.Module, Any], tuple[Tensor, dict[str, float]]]
 
 
-class SeededPairs(Dataset):
-    """Augmented (input, target) pairs fixed by (seed, purpose, epoch, index), so every method
-    sees the same views and a resumed run replays its batches. ``augment(a, b, generator)``
-    may draw from the generator or from torch's global RNG (seeded alike here)."""
+class SeededPairs(SeededViews):
+    """:class:`SeededViews` for dense tasks, whose augmentation moves the target with the image:
+    ``augment(input, target, generator)`` may draw from the generator or from torch's global
+    RNG, both seeded by (seed, purpose, epoch, index)."""
 
     def __init__(self, data: Dataset, augment: Callable, seed: int, purpose: str) -> None:
-        self.data, self.augment, self.seed, self.purpose, self.epoch = (
-            data,
-            augment,
-            seed,
-            purpose,
-            0,
-        )
-
-    def __len__(self) -> int:
-        return len(self.data)  # type: ignore[arg-type]
+        super().__init__(data, augment, seed)  # type: ignore[arg-type]
+        self.purpose = purpose
 
     def __getitem__(self, index: int):
-        first, second = self.data[index]
+        first, second = self.images[index]
         seed = derive_seed(self.seed, self.purpose, self.epoch, index)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.augment(first, second, torch.Generator().manual_seed(seed))
+            return self.transform(first, second, torch.Generator().manual_seed(seed))
 
 
 def layer_decay_adamw(
@@ -112,19 +104,19 @@ def train_iterations(
     model: nn.Module,
     optimizer: Any,
     scheduler: Any,
-    views: Dataset,
+    views: SeededViews,
     plan: LoopPlan,
     step_loss: StepLoss,
     out_dir: Path,
     desc: str,
     collate: Callable | None = None,
 ) -> LoopResult:
-    """Train ``model`` for ``plan.iterations``; ``views`` must have an ``epoch`` attribute."""
+    """Train ``model`` for ``plan.iterations`` on ``views``, re-seeded per epoch."""
     world, rank = fabric.world_size, fabric.global_rank
     if plan.batch_size % world:
         raise ConfigError(f"batch size {plan.batch_size} must divide over {world} devices")
     per_device = plan.batch_size // world
-    num_items = len(views)  # type: ignore[arg-type]
+    num_items = len(views)
     per_epoch = num_items // plan.batch_size
     if per_epoch == 0:
         raise ConfigError(f"{num_items} training images is fewer than batch size {plan.batch_size}")
@@ -148,7 +140,7 @@ def train_iterations(
     window_start, window_images = time.perf_counter(), 0
     while step < total:
         epoch, start_batch = divmod(step, per_epoch)
-        views.epoch = epoch  # type: ignore[attr-defined]
+        views.set_epoch(epoch)
         batches = epoch_batches(
             num_items,
             per_device,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,7 +15,9 @@ from ropim.run_record import code_version, write_json
 class RunRows:
     """Collects rows that share the run's identity and cost; rank 0 alone writes them."""
 
-    def __init__(self, run_dir: Path, record: dict[str, Any], task: str) -> None:
+    def __init__(self, run_dir: str | Path, task: str) -> None:
+        run_dir = Path(run_dir)
+        record = json.loads((run_dir / "run.json").read_text())
         budget = record.get("budget", {})
         arch = record["architecture"]
         self.run_dir = run_dir

@@ -24,7 +24,6 @@ from ropim.seeding import derive_seed
 IGNORE_LABEL = 0
 BACKGROUND_LABEL = 11
 NUM_SCENE_CLASSES = 11  # after reduce-zero-label: digits 0-9 and background
-SCENE_CLASS_NAMES = [str(d) for d in range(10)] + ["background"]
 ADE_SPLITS = {"train": "training", "val": "validation"}
 INK_ON = 0.5  # ink share from which a pixel belongs to its digit
 INK_RIM = 0.15  # ink share from which a non-digit pixel is ambiguous (ignored)
@@ -44,6 +43,13 @@ class SceneSpec:
     texture: bool = True
     seed: int = 0
     version: int = 1  # bump when the composition changes, so old sets are rewritten
+
+
+@dataclass
+class SceneSettings(SceneSpec):
+    """A task's ``scenes:`` section: the spec plus where generated sets are kept."""
+
+    folder: str = "runs/datasets"  # generated once per spec, then reused
 
 
 @dataclass

@@ -9,22 +9,19 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-# section -> (settings builder, evaluator, metrics printed as they arrive)
-TASKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+# section -> (settings builder, evaluator)
+TASKS: dict[str, tuple[str, str]] = {
     "classification": (
         "downstream.classification.settings:classification_settings",
         "downstream.classification.evaluate:evaluate_classification",
-        ("top1",),
     ),
     "segmentation": (
         "downstream.segmentation.settings:segmentation_settings",
         "downstream.segmentation.evaluate:evaluate_segmentation",
-        ("mIoU",),
     ),
     "detection": (
         "downstream.detection.settings:detection_settings",
         "downstream.detection.evaluate:evaluate_detection",
-        ("box_AP", "mask_AP"),
     ),
 }
 
@@ -47,5 +44,8 @@ def evaluate_task(task: str, run_dir: Any, settings: Any, results_path: Any) -> 
     return _resolve(TASKS[task][1])(run_dir, settings, results_path)
 
 
-def headline_metrics(task: str) -> tuple[str, ...]:
-    return TASKS[task][2]
+def headline_metrics(task: str) -> set[str]:
+    """The metrics of ``task`` that fill the report's table (printed as they arrive)."""
+    from ropim.report import HEADLINES
+
+    return {metric for (section, _, metric) in HEADLINES if section == task}

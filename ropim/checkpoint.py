@@ -34,21 +34,22 @@ def backbone_signature(backbone: nn.Module) -> dict[str, str]:
     }
 
 
-def architecture_signature(method: nn.Module) -> dict[str, str]:
-    """The backbone's signature plus the method and its parameter count."""
+def architecture_signature(
+    module: nn.Module, backbone: nn.Module, **identity: str
+) -> dict[str, str]:
+    """What a model built around ``backbone`` must match to load weights: the backbone's
+    signature, what else names it (method, task, classes) and its parameter count."""
     return {
-        "method": str(method.name),  # type: ignore[attr-defined]
-        **backbone_signature(method.backbone),  # type: ignore[attr-defined]
-        "num_parameters": str(sum(p.numel() for p in method.parameters())),
+        **identity,
+        **backbone_signature(backbone),
+        "num_parameters": str(sum(p.numel() for p in module.parameters())),
     }
 
 
 def check_architecture(metadata: dict[str, str], module: nn.Module, path: str | Path) -> None:
     """Refuse weights from another architecture, naming every key that differs."""
-    if hasattr(module, "signature"):  # downstream models describe themselves
+    if hasattr(module, "signature"):  # masking methods and downstream models
         expected = module.signature()  # type: ignore[operator]
-    elif hasattr(module, "backbone"):
-        expected = architecture_signature(module)
     else:
         expected = backbone_signature(module)
     differences = [

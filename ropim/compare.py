@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from downstream.tasks import TASKS
 from ropim.config import Config, apply_overrides, load_config_dict
 from ropim.errors import ConfigError
 
@@ -30,7 +31,7 @@ BUDGET_KEYS = (
     "train.accelerator",
 )
 COMPARE_KEYS = {"name", "scale", "seeds", "methods"}
-EXTRA_SECTIONS = ("classification", "segmentation", "detection")  # downstream tasks
+EXTRA_SECTIONS = tuple(TASKS)  # downstream task sections, read after pre-training
 # The optimiser values a method may set for itself (its published recipe).
 RECIPE_KEYS = {
     "base_lr",

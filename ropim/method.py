@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ropim.backbone import ViTBackbone
+from ropim.checkpoint import architecture_signature
 from ropim.patches import patchify, unpatchify
 
 
@@ -93,6 +94,10 @@ class MaskingMethod(nn.Module, ABC):
     def to_images(self, tokens: Tensor) -> Tensor:
         """Per-token pixel vectors back to ``(B, C, H, W)``."""
         return unpatchify(tokens, self.patch_size, self.backbone.grid, self.backbone.in_chans)
+
+    def signature(self) -> dict[str, str]:
+        """What a checkpoint of this method must match to be loaded or resumed."""
+        return architecture_signature(self, self.backbone, method=str(self.name))
 
     def no_weight_decay(self) -> set[str]:
         """Names excluded from weight decay besides biases/norms: positions, cls, mask tokens."""

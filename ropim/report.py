@@ -42,7 +42,7 @@ def _newest(results: pd.DataFrame, comparison: str) -> pd.DataFrame:
     return rows.sort_values("recorded_at").drop_duplicates(keys, keep="last")
 
 
-def accuracy_rows(results: pd.DataFrame, comparison: str) -> pd.DataFrame:
+def headline_rows(results: pd.DataFrame, comparison: str) -> pd.DataFrame:
     """Headline rows of one comparison (newest per run and measure) in percent, with a
     ``measure`` column naming the table column they fill."""
     rows = _newest(results, comparison)
@@ -68,7 +68,7 @@ def build_table(
     seeds: list[int],
     references: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    rows = accuracy_rows(results, comparison)
+    rows = headline_rows(results, comparison)
     found = set(rows["measure"]) if len(rows) else set()
     table = pd.DataFrame(index=pd.Index(methods, name="method"))
     for measure in [title for title in HEADLINES.values() if title in found]:
@@ -127,7 +127,7 @@ def write_report(
     references = pd.read_csv(REFERENCES) if REFERENCES.is_file() else None
     table = build_table(results, comparison, methods, seeds, references)
     table.to_csv(out_dir / f"table2_{scale}.csv")
-    rows = accuracy_rows(results, comparison)
+    rows = headline_rows(results, comparison)
     figures = _figures(rows, out_dir, scale) if len(rows) else []
     lines = [f"# Table 2 ({scale}): {', '.join(methods)} under one budget", ""]
     if header:

@@ -18,7 +18,7 @@ from lightning_fabric import Fabric
 from torch.utils.data import DataLoader
 
 from ropim.backbone import ViTBackbone
-from ropim.checkpoint import CheckpointDir, architecture_signature
+from ropim.checkpoint import CheckpointDir
 from ropim.config import Config, save_config
 from ropim.data import (
     SeededViews,
@@ -160,7 +160,7 @@ def pretrain(
         optimizer, total_steps, round(settings.warmup_epochs * per_epoch), settings.min_lr
     )
     model, optimizer = fabric.setup(method, optimizer)
-    signature = architecture_signature(method)
+    signature = method.signature()
 
     progress = Progress()
     state: dict[str, Any] = {"optimizer": optimizer, "scheduler": scheduler}

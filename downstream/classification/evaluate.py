@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,13 @@ def evaluate_classification(
     """Run each protocol on the run's newest checkpoint; rows go to ``results_path`` and to
     ``<run>/classification.json``."""
     run_dir = Path(run_dir)
-    record = json.loads((run_dir / "run.json").read_text())
     backbone, cfg = load_pretrained_encoder(run_dir)
     seed = cfg.run.seed
     transform = eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans)
     train_images = load_images(cfg.data, "train")
     val_images = load_images(cfg.data, "val")
     num_classes = len(_classes(train_images))
-    rows = RunRows(run_dir, record, "classification")
+    rows = RunRows(run_dir, "classification")
     add = rows.add
 
     frozen = {"knn", "linear"} & set(settings.protocols)

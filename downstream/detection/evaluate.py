@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict
@@ -19,11 +18,9 @@ PROTOCOL = "vitdet_mask_rcnn"
 def evaluate_detection(
     run_dir: str | Path, settings: DetectionSettings, results_path: str | Path
 ) -> list[dict[str, Any]]:
-    run_dir = Path(run_dir)
-    record = json.loads((run_dir / "run.json").read_text())
+    rows = RunRows(run_dir, "detection")  # reads run.json: a wrong folder fails before training
     start = time.perf_counter()
     scores = finetune_detection(run_dir, settings)
-    rows = RunRows(run_dir, record, "detection")
     for prefix in ("box", "mask"):
         for stat in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
             value = scores[f"{prefix}_{stat}"]

@@ -17,9 +17,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
+from downstream.encoder import FineTunedViT
 from downstream.pyramid import ViTPyramid
 from ropim.backbone import ViTBackbone
-from ropim.checkpoint import backbone_signature
 from ropim.errors import ConfigError
 
 LEVELS = ("0", "1", "2", "3")
@@ -49,7 +49,10 @@ class SimpleFeaturePyramid(nn.Module):
         return features
 
 
-class ViTDetMaskRCNN(nn.Module):
+class ViTDetMaskRCNN(FineTunedViT):
+    ENCODER_PATH = "detector.backbone.pyramid.backbone"
+    TASK = "detection"
+
     def __init__(
         self,
         backbone: ViTBackbone,
@@ -106,27 +109,5 @@ class ViTDetMaskRCNN(nn.Module):
         )
         self.num_classes = num_classes
 
-    @property
-    def backbone(self) -> ViTBackbone:
-        return self.detector.backbone.pyramid.backbone
-
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         return self.detector(images, targets)
-
-    def signature(self) -> dict[str, str]:
-        return backbone_signature(self.backbone) | {
-            "task": "detection",
-            "num_classes": str(self.num_classes),
-            "num_parameters": str(sum(p.numel() for p in self.parameters())),
-        }
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        vit = r"^detector\.backbone\.pyramid\.backbone\.vit\."
-        return {
-            "stem": vit + r"(?:cls_token|reg_token|pos_embed|patch_embed)",
-            "blocks": [(vit + r"blocks\.(\d+)", None)],
-        }
-
-    def no_weight_decay(self) -> set[str]:
-        prefix = "detector.backbone.pyramid.backbone."
-        return {prefix + name for name in self.backbone.no_weight_decay()}

@@ -7,16 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from downstream.scenes import SceneSpec
+from downstream.scenes import SceneSettings
 from ropim.config import build_section
 from ropim.errors import ConfigError
-
-
-@dataclass
-class DetectionScenes(SceneSpec):
-    """Digit scenes written as a COCO dataset when ``detection.root`` is unset."""
-
-    folder: str = "runs/datasets"
 
 
 @dataclass
@@ -47,7 +40,7 @@ class DetectionSettings:
     checkpoint_every: int = 2000
     log_every: int = 20
     num_workers: int = 0
-    scenes: DetectionScenes = field(default_factory=DetectionScenes)
+    scenes: SceneSettings = field(default_factory=SceneSettings)  # dataset: digit_scenes
 
 
 def detection_settings(raw: dict[str, Any] | None) -> DetectionSettings:

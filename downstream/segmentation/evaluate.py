@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,11 +17,9 @@ PROTOCOL = "upernet"
 def evaluate_segmentation(
     run_dir: str | Path, settings: SegmentationSettings, results_path: str | Path
 ) -> list[dict[str, Any]]:
-    run_dir = Path(run_dir)
-    record = json.loads((run_dir / "run.json").read_text())
+    rows = RunRows(run_dir, "segmentation")  # reads run.json: a wrong folder fails before training
     start = time.perf_counter()
     scores = finetune_segmentation(run_dir, settings)
-    rows = RunRows(run_dir, record, "segmentation")
     for metric in ("mIoU", "mAcc", "aAcc", "majority_mIoU"):
         rows.add(PROTOCOL, metric, scores[metric])
     rows.add(PROTOCOL, "seconds", time.perf_counter() - start)

@@ -12,12 +12,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
 
+from downstream.encoder import FineTunedViT
 from downstream.pyramid import ViTPyramid
 from downstream.segmentation.dataset import IGNORE_INDEX
-from ropim.checkpoint import backbone_signature
 
 
-class UperNetSegmenter(nn.Module):
+class UperNetSegmenter(FineTunedViT):
+    ENCODER_PATH = "pyramid.backbone"
+    TASK = "segmentation"
+
     def __init__(
         self,
         pyramid: ViTPyramid,
@@ -53,24 +56,6 @@ class UperNetSegmenter(nn.Module):
         if with_aux:
             out["aux"] = _upsample(self.aux_head(levels), size)
         return out
-
-    def signature(self) -> dict[str, str]:
-        """What a fine-tuning checkpoint must match to be resumed into this model."""
-        return backbone_signature(self.pyramid.backbone) | {
-            "task": "segmentation",
-            "num_classes": str(self.num_classes),
-            "num_parameters": str(sum(p.numel() for p in self.parameters())),
-        }
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """Layer ids for timm's layer-wise lr decay: stem, blocks in order, heads last."""
-        return {
-            "stem": r"^pyramid\.backbone\.vit\.(?:cls_token|reg_token|pos_embed|patch_embed)",
-            "blocks": [(r"^pyramid\.backbone\.vit\.blocks\.(\d+)", None)],
-        }
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"pyramid.backbone.{name}" for name in self.pyramid.backbone.no_weight_decay()}
 
 
 def _upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:

@@ -6,16 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from downstream.scenes import SceneSpec
+from downstream.scenes import SceneSettings
 from ropim.config import build_section
 from ropim.errors import ConfigError
-
-
-@dataclass
-class SceneSettings(SceneSpec):
-    """Digit scenes written in the ADE20K layout when ``segmentation.root`` is unset."""
-
-    folder: str = "runs/datasets"  # generated once per spec, then reused
 
 
 @dataclass
