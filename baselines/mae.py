@@ -15,10 +15,10 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ropim.backbone import ViTBackbone
-from ropim.errors import check_ratio
-from ropim.method import MaskingMethod, Recipe
-from ropim.patches import patchify
+from ropim.harness.backbone import ViTBackbone
+from ropim.harness.errors import check_ratio
+from ropim.harness.methods import MaskingMethod, Recipe
+from ropim.harness.patches import patchify
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class MAE(MaskingMethod):
         warmup_epochs=40,
         betas=(0.9, 0.95),
         weight_decay=0.05,
-        source="MAE ViT-B pre-training (facebookresearch/mae; spec/BASELINES.md)",
+        source="MAE ViT-B pre-training, facebookresearch/mae PRETRAIN.md (docs/recipes.md)",
     )
 
     def __init__(

@@ -11,10 +11,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ropim.backbone import ViTBackbone
-from ropim.errors import check_ratio
-from ropim.method import MaskingMethod, Recipe, linear_pixel_head
-from ropim.patches import patchify
+from ropim.harness.backbone import ViTBackbone
+from ropim.harness.errors import check_ratio
+from ropim.harness.methods import MaskingMethod, Recipe, linear_pixel_head
+from ropim.harness.patches import patchify
 
 
 def block_mask(
@@ -45,7 +45,7 @@ class SimMIM(MaskingMethod):
         betas=(0.9, 0.999),
         weight_decay=0.05,
         clip_grad=5.0,
-        source="SimMIM ViT-B 800-epoch config (microsoft/SimMIM; spec/BASELINES.md)",
+        source="microsoft/SimMIM configs/vit_base__800ep/ pre-train yaml (docs/recipes.md)",
     )
 
     def __init__(

@@ -10,17 +10,25 @@ from typing import ClassVar
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from ropim.backbone import ViTBackbone
-from ropim.checkpoint import (
+from ropim.harness.backbone import ViTBackbone
+from ropim.harness.checkpoint import (
     WEIGHTS_FILE,
     CheckpointDir,
     architecture_signature,
     check_architecture,
     read_weights,
 )
-from ropim.config import Config, load_config
-from ropim.errors import CheckpointError
-from ropim.trainer import build_encoder
+from ropim.harness.config import Config, load_config
+from ropim.harness.errors import CheckpointError
+from ropim.harness.runtime import build_encoder
+
+
+def pretrained_checkpoint(run_dir: str | Path) -> str:
+    """Which checkpoint of the run downstream tasks start from (its newest)."""
+    latest = CheckpointDir(run_dir).latest()
+    if latest is None:
+        raise CheckpointError(f"{run_dir} holds no checkpoint")
+    return latest.name
 
 
 def load_pretrained_encoder(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from ropim.backbone import ViTBackbone
+from ropim.harness.backbone import ViTBackbone
 
 SCALES = (4.0, 2.0, 1.0, 0.5)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ropim.data import MnistDigits
-from ropim.seeding import derive_seed
+from ropim.harness.data import MnistDigits
+from ropim.harness.seeding import derive_seed
 
 IGNORE_LABEL = 0
 BACKGROUND_LABEL = 11
@@ -49,7 +49,8 @@ class SceneSpec:
 class SceneSettings(SceneSpec):
     """A task's ``scenes:`` section: the spec plus where generated sets are kept."""
 
-    folder: str = "runs/datasets"  # generated once per spec, then reused
+    folder: str | None = None  # None: <folder holding the run>/datasets; generated once per
+    # spec, then reused by every run beside it
 
 
 @dataclass
@@ -132,10 +133,16 @@ def spec_of(settings: SceneSpec) -> SceneSpec:
 
 def scene_dataset_dir(spec: SceneSpec, folder: str | Path, layout: str) -> Path:
     """Where a generated set lives: named by its size and a digest of its whole spec."""
+    folder = Path(folder)
     plain = spec_of(spec)
     digest = derive_seed(*sorted(asdict(plain).items())) % 10**8
     name = f"digit_scenes_{layout}_{plain.canvas}px_{plain.train_scenes}_{plain.val_scenes}"
-    return Path(folder) / f"{name}_{digest:08d}"
+    return folder / f"{name}_{digest:08d}"
+
+
+def scenes_folder(settings: SceneSettings, run_dir: Path) -> Path:
+    """The configured folder, or ``datasets/`` beside the run (shared by a comparison)."""
+    return Path(settings.folder) if settings.folder else Path(run_dir).parent / "datasets"
 
 
 def scene_digits(split: str) -> MnistDigits:

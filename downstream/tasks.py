@@ -1,51 +1,38 @@
-"""The downstream tasks a comparison config can name, each as its own top-level section.
-
-Imported lazily: the segmentation heads pull in ``transformers``, which takes seconds to load.
-"""
+"""The downstream tasks: every ``downstream/<name>/`` package whose ``__init__`` declares
+``TASK``, in their declared order. Adding a task is adding such a package."""
 
 from __future__ import annotations
 
+import functools
 import importlib
-from collections.abc import Callable
+import pkgutil
 from typing import Any
 
-# section -> (settings builder, evaluator)
-TASKS: dict[str, tuple[str, str]] = {
-    "classification": (
-        "downstream.classification.settings:classification_settings",
-        "downstream.classification.evaluate:evaluate_classification",
-    ),
-    "segmentation": (
-        "downstream.segmentation.settings:segmentation_settings",
-        "downstream.segmentation.evaluate:evaluate_segmentation",
-    ),
-    "detection": (
-        "downstream.detection.settings:detection_settings",
-        "downstream.detection.evaluate:evaluate_detection",
-    ),
-}
+from ropim.harness.errors import ConfigError
+from ropim.harness.tasks import TaskSpec
 
 
-def _resolve(target: str) -> Callable[..., Any]:
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
+@functools.lru_cache(maxsize=1)
+def all_tasks() -> tuple[TaskSpec, ...]:
+    import downstream
+
+    found = []
+    for info in pkgutil.iter_modules(downstream.__path__):
+        if info.ispkg:
+            spec = getattr(importlib.import_module(f"downstream.{info.name}"), "TASK", None)
+            if isinstance(spec, TaskSpec):
+                found.append(spec)
+    return tuple(sorted(found, key=lambda spec: spec.order))
 
 
-def configured_tasks(raw: dict[str, Any]) -> list[str]:
-    """Classification always; every other task when its section is present."""
-    return [t for t in TASKS if t == "classification" or t in raw]
+def task_named(name: str) -> TaskSpec:
+    for spec in all_tasks():
+        if spec.name == name:
+            return spec
+    names = [spec.name for spec in all_tasks()]
+    raise ConfigError(f"unknown task {name!r}; choose from {names}")
 
 
-def task_settings(task: str, raw: dict[str, Any]) -> Any:
-    return _resolve(TASKS[task][0])(raw.get(task))
-
-
-def evaluate_task(task: str, run_dir: Any, settings: Any, results_path: Any) -> list[dict]:
-    return _resolve(TASKS[task][1])(run_dir, settings, results_path)
-
-
-def headline_metrics(task: str) -> set[str]:
-    """The metrics of ``task`` that fill the report's table (printed as they arrive)."""
-    from ropim.report import HEADLINES
-
-    return {metric for (section, _, metric) in HEADLINES if section == task}
+def configured_tasks(raw: dict[str, Any]) -> list[TaskSpec]:
+    """Tasks that run always, and every other task whose section the config holds."""
+    return [spec for spec in all_tasks() if spec.always or spec.name in raw]

@@ -1,11 +1,13 @@
-"""``ropim pretrain|compare --config FILE [key=value ...]``, ``bench-step``, ``methods``."""
+"""ropim COMMAND: pre-train, compare, reproduce, evaluate, report, benchmark, list.
+
+Every user mistake ends in one "error:" line and exit status 2."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ropim.errors import CheckpointError, ConfigError, DataError
+from ropim.harness.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--task",
         action="append",
-        help="classification (default), segmentation or detection; repeat for several",
+        help="a task from `ropim tasks` (default: those that always run); repeat for several",
     )
     ev.add_argument("--config", "-c", help="YAML with the tasks' sections (e.g. a table2 preset)")
     ev.add_argument("--results", default="results/results.csv", help="CSV the rows append to")
@@ -53,10 +55,11 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="<task>.key=value, e.g. classification.linear.epochs=10",
     )
-    bp = sub.add_parser("bench-pretrain", help="step speed per method; ROPIM projection cost")
+    bp = sub.add_parser(
+        "bench-pretrain", help="step speed per method, with each method's ablations"
+    )
     bp.add_argument("--config", "-c", required=True, help="a comparison config")
     bp.add_argument("--steps", type=int, default=10)
-    bp.add_argument("--projection-batch", type=int, default=128)
     bp.add_argument("--out", default="results/bench", help="folder for the CSV of the numbers")
     bp.add_argument("overrides", nargs="*")
     bench = sub.add_parser("bench-step", help="time training steps (images/s, peak memory)")
@@ -64,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=10)
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("overrides", nargs="*")
+    sub.add_parser("tasks", help="list the downstream tasks, their protocols and metrics")
     methods = sub.add_parser("methods", help="list the masking methods that can be selected")
     methods.add_argument("--method-dir", action="append", default=[])
     return parser
@@ -73,9 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "methods":
-            from ropim.registry import available_methods
+            from ropim.harness.registry import available_methods
 
             print("\n".join(available_methods(args.method_dir)))
+            return 0
+        if args.command == "tasks":
+            from downstream.tasks import all_tasks
+
+            for task in all_tasks():
+                metrics = ", ".join(f"{c.protocol}/{c.metric}" for c in task.headlines)
+                when = "always" if task.always else f"when the config has a {task.name} section"
+                print(f"{task.name}: {metrics} ({when})")
             return 0
         if args.command == "compare":
             return _compare(args)
@@ -84,31 +96,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "report":
-            from ropim.reproduce import make_report
+            from ropim.suite.reproduce import make_report
 
             make_report(args.config, args.overrides, args.results, args.reports)
             return 0
         if args.command == "reproduce":
-            from ropim.reproduce import reproduce
+            from ropim.suite.reproduce import reproduce
 
             reproduce(
                 args.config, args.overrides, args.results, args.reports, tuple(args.method_dir)
             )
             return 0
-        from ropim.config import load_config
+        from ropim.harness.config import load_config
 
         cfg = load_config(args.config, args.overrides)
         if args.command == "bench-step":
             import json
 
-            from ropim.bench import bench_step
+            from ropim.suite.bench import bench_step
 
             print(json.dumps(bench_step(cfg, args.warmup, args.steps), indent=2))
             return 0
-        from ropim.trainer import pretrain
+        from ropim.harness.pretrain import pretrain
 
         pretrain(cfg, resume=args.resume, method_dirs=tuple(args.method_dir))
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -119,22 +131,22 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from downstream.tasks import TASKS, evaluate_task, headline_metrics, task_settings
-    from ropim.config import apply_overrides
+    from downstream.tasks import all_tasks, task_named
+    from ropim.harness.config import apply_overrides
+    from ropim.suite.evaluate import evaluate_run
 
     raw = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
     raw = apply_overrides(raw or {}, args.overrides)
-    tasks = args.task or ["classification"]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ConfigError(f"unknown --task {unknown[0]!r}; choose from {sorted(TASKS)}")
+    names = args.task or [t.name for t in all_tasks() if t.always]
+    tasks = [task_named(name) for name in names]
     for task in tasks:
-        settings = task_settings(task, raw)
+        settings = task.parse_settings(raw)
+        headlines = {(c.protocol, c.metric) for c in task.headlines}
         for run_dir in args.runs:
-            for row in evaluate_task(task, run_dir, settings, args.results):
-                if row["metric"] in headline_metrics(task):
+            for row in evaluate_run(task, run_dir, settings, args.results):
+                if (row["protocol"], row["metric"]) in headlines:
                     print(
-                        f"{row['run_id']}: {task} {row['protocol']} {row['metric']} "
+                        f"{row['run_id']}: {task.name} {row['protocol']} {row['metric']} "
                         f"{row['value']:.2%}",
                         flush=True,
                     )
@@ -147,11 +159,11 @@ def _bench_pretrain(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from ropim.bench import bench_pretrain
-    from ropim.compare import plan_comparison
+    from ropim.suite.bench import bench_pretrain
+    from ropim.suite.compare import plan_comparison
 
     planned = plan_comparison(args.config, args.overrides)
-    rows = bench_pretrain(planned, projection_batch=args.projection_batch, steps=args.steps)
+    rows = bench_pretrain(planned, steps=args.steps)
     table = pd.DataFrame(rows)
     device = str(table["device_name"].iloc[0]).replace(" ", "_")
     out = Path(args.out)
@@ -169,7 +181,7 @@ def _bench_pretrain(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from ropim.compare import plan_comparison, run_comparison, summarize
+    from ropim.suite.compare import plan_comparison, run_comparison, summarize
 
     methods = args.methods.split(",") if args.methods else None
     planned = plan_comparison(args.config, args.overrides, methods)

@@ -1,5 +1,5 @@
-from ropim.bench import bench_step
-from ropim.config import load_config
+from ropim.harness.config import load_config
+from ropim.suite.bench import bench_step
 from tests.conftest import TINY_CONFIG
 
 

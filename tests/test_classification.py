@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from downstream.classification.evaluate import evaluate_classification
 from downstream.classification.knn import knn_predict
 from downstream.classification.settings import classification_settings
 from downstream.encoder import load_pretrained_encoder
-from ropim.config import load_config
-from ropim.errors import CheckpointError, ConfigError
-from ropim.results import RESULT_COLUMNS, append_results, read_results
-from ropim.trainer import pretrain
-from tests.conftest import TINY_CONFIG
+from ropim.harness.config import load_config
+from ropim.harness.errors import CheckpointError, ConfigError
+from ropim.harness.pretrain import pretrain
+from ropim.suite.results import RESULT_COLUMNS, append_results, read_results
+from tests.conftest import TINY_CONFIG, SimulatedCrash, crash_after, evaluate
 
 TINY_CLASSIFICATION = {
     "knn": {"k": 10},
@@ -49,7 +51,7 @@ def test_each_protocol_beats_chance_after_a_tiny_pretrain(tmp_path):
     cfg = load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}", "train.epochs=2"])
     run_dir = pretrain(cfg)
     results = tmp_path / "results.csv"
-    rows = evaluate_classification(run_dir, classification_settings(TINY_CLASSIFICATION), results)
+    rows = evaluate("classification", run_dir, TINY_CLASSIFICATION, results)
     top1 = {r["protocol"]: r["value"] for r in rows if r["metric"] == "top1"}
     assert set(top1) == {"knn", "linear", "finetune"}
     # Chance is 10% (10 balanced classes); 20% on 256 images is more than 5 sigma above it.
@@ -98,3 +100,78 @@ def test_results_append_keeps_old_rows_and_survives_a_crash_mid_write(tmp_path, 
     assert read_results(path)["value"].tolist() == [0.5, 0.6, 0.7, 0.9]
     with pytest.raises(ValueError, match="unknown result columns"):
         append_results(path, [{"accuracy": 1.0}])
+
+
+# Every augmentation that draws from Python's `random` (timm's RandAugment, random erasing,
+# crops) or NumPy (mixup/cutmix) is on, so equal weights prove they are seeded.
+AUGMENTED_FINETUNE = {
+    "protocols": ["finetune"],
+    "finetune": TINY_CLASSIFICATION["finetune"]
+    | {
+        "epochs": 1,
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "rand_augment": "rand-m9-mstd0.5-inc1",
+        "random_erasing": 0.25,
+        "hflip": 0.5,
+        "checkpoint_every": 3,
+        "log_every": 2,
+    },
+}
+
+
+def _finetuned_weights(run_dir):
+    folder = run_dir / "classification_finetune" / "checkpoints"
+    return load_file(str(folder / (folder / "latest").read_text() / "model.safetensors"))
+
+
+def test_killed_finetune_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, capsys):
+    import random
+
+    cfg = load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}", "train.epochs=0.5"])
+    run_dir = pretrain(cfg)
+    random.seed(1)  # the caller's streams must not matter
+    straight = evaluate("classification", run_dir, AUGMENTED_FINETUNE, tmp_path / "a.csv")
+    weights = _finetuned_weights(run_dir)
+    assert json.loads((run_dir / "classification.json").read_text())["finetune"]["steps"] == 8
+    shutil.rmtree(run_dir / "classification_finetune")
+
+    random.seed(2)
+    with pytest.raises(SimulatedCrash):
+        evaluate(
+            "classification", run_dir, AUGMENTED_FINETUNE, tmp_path / "b.csv", [crash_after(5)]
+        )
+    latest = run_dir / "classification_finetune" / "checkpoints" / "latest"
+    assert latest.read_text() == "step_00000003"
+    capsys.readouterr()
+    resumed = evaluate("classification", run_dir, AUGMENTED_FINETUNE, tmp_path / "b.csv")
+    assert "resuming from step 3" in capsys.readouterr().out
+    again = _finetuned_weights(run_dir)
+    assert weights.keys() == again.keys()
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    top1 = [[r["value"] for r in rows if r["metric"] == "top1"] for rows in (straight, resumed)]
+    assert top1[0] == top1[1]
+    steps = [int(r["step"]) for r in csv.DictReader(latest.parent.with_name("metrics.csv").open())]
+    assert steps == [2, 4, 6, 8]
+
+    changed = AUGMENTED_FINETUNE | {"finetune": AUGMENTED_FINETUNE["finetune"] | {"epochs": 2}}
+    with pytest.raises(ConfigError, match="other settings .*settings.epochs: 1.0 -> 2.0"):
+        evaluate("classification", run_dir, changed, tmp_path / "c.csv")
+
+
+def test_randaugment_at_magnitude_ten_posterizes_to_black_instead_of_failing():
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+
+    from downstream.classification.finetune import finetune_transform
+    from downstream.classification.settings import FinetuneSettings
+
+    cfg = load_config(TINY_CONFIG)
+    transform = finetune_transform(cfg, FinetuneSettings())
+    (augment,) = [t for t in transform.transforms[1].transforms if isinstance(t, RandAugment)]
+    (op,) = [op for op in augment.ops if op.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # the level that asks for 0 bits
+    image = Image.new("RGB", (28, 28), (200, 120, 40))
+    assert op(image).getextrema() == ((0, 0), (0, 0), (0, 0))
+    op.magnitude = 5
+    assert op(image).getextrema() != ((0, 0), (0, 0), (0, 0))

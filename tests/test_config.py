@@ -1,7 +1,7 @@
 import pytest
 
-from ropim.config import load_config
-from ropim.errors import ConfigError
+from ropim.harness.config import load_config
+from ropim.harness.errors import ConfigError
 
 
 def test_yaml_and_overrides_resolve_with_types(tmp_path):
@@ -43,7 +43,7 @@ def test_shipped_configs_load():
 
     import yaml
 
-    from ropim.compare import plan_comparison
+    from ropim.suite.compare import plan_comparison
 
     folder = Path(__file__).resolve().parent.parent / "configs"
     for path in sorted(folder.glob("*.yaml")):

@@ -2,9 +2,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ropim.config import DataSection
-from ropim.data import SeededViews, epoch_batches, load_images, pretrain_transform
-from ropim.errors import ConfigError, DataError
+from ropim.harness.config import DataSection
+from ropim.harness.data import SeededViews, epoch_batches, load_images, pretrain_transform
+from ropim.harness.errors import ConfigError, DataError
 
 
 def test_bundled_digits_split_is_fixed_stratified_and_disjoint():

@@ -9,15 +9,14 @@ import torch
 
 from downstream.detection.coco_eval import coco_evaluate, merge_rank_predictions
 from downstream.detection.dataset import CocoInstances, load_coco
-from downstream.detection.evaluate import evaluate_detection
 from downstream.detection.model import SimpleFeaturePyramid, ViTDetMaskRCNN
 from downstream.detection.settings import detection_settings
 from downstream.detection.transforms import LargeScaleJitter
 from downstream.scenes import SceneSpec, compose_scene, scene_digits, write_coco_scenes
-from ropim.config import load_config
-from ropim.errors import ConfigError, DataError
-from ropim.trainer import pretrain
-from tests.conftest import TINY_CONFIG, tiny_backbone
+from ropim.harness.config import load_config
+from ropim.harness.errors import ConfigError, DataError
+from ropim.harness.pretrain import pretrain
+from tests.conftest import TINY_CONFIG, evaluate, tiny_backbone
 
 SMALL = SceneSpec(canvas=48, train_scenes=6, val_scenes=4, max_digits=3)
 
@@ -152,7 +151,7 @@ TINY_DETECTION = {
     "dataset": "digit_scenes",
     "image_size": 48,
     "scale_range": [0.8, 1.25],
-    "epochs": 12,
+    "epochs": 16,
     "batch_size": 8,
     "lr": 1.0e-3,
     "warmup_iters": 5,
@@ -175,7 +174,7 @@ def test_tiny_finetune_lowers_every_loss_and_finds_digits(tmp_path):
     overrides = [f"run.output_dir={tmp_path}", "model.patch_size=4"]
     run_dir = pretrain(load_config(TINY_CONFIG, overrides))
     raw = TINY_DETECTION | {"scenes": TINY_DETECTION["scenes"] | {"folder": str(tmp_path)}}
-    rows = evaluate_detection(run_dir, detection_settings(raw), tmp_path / "results.csv")
+    rows = evaluate("detection", run_dir, raw, tmp_path / "results.csv")
     value = {r["metric"]: r["value"] for r in rows}
     assert value["box_AP"] > 0 and value["mask_AP"] > 0, value
     scores = json.loads((run_dir / "detection.json").read_text())["scores"]

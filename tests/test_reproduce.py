@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ropim.report import build_table
-from ropim.reproduce import make_report, reproduce
-from ropim.results import read_results
+from downstream.tasks import all_tasks
+from ropim.suite.report import build_table
+from ropim.suite.reproduce import make_report, reproduce
+from ropim.suite.results import read_results
 from tests.conftest import PROJECT_ROOT
 
 TINY = PROJECT_ROOT / "configs" / "table2_tiny.yaml"
@@ -55,6 +56,7 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
 
 
 def test_report_from_no_results_at_all_does_not_crash():
-    table = build_table(read_results("/nonexistent/results.csv"), "x", ["ropim", "mae"], [0])
+    results = read_results("/nonexistent/results.csv")
+    table = build_table(results, "x", ["ropim", "mae"], [0], all_tasks())
     assert list(table.index) == ["ropim", "mae"]
     assert (table["pre-train s"] == "missing").all()

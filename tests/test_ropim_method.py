@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from ropim.backbone import ViTBackbone
-from ropim.errors import ConfigError
-from ropim.patches import patchify, unpatchify
-from ropim.registry import available_methods, build_method
-from ropim.ropim import ROPIM
+from ropim.harness.backbone import ViTBackbone
+from ropim.harness.errors import ConfigError
+from ropim.harness.patches import patchify, unpatchify
+from ropim.harness.registry import available_methods, build_method
+from ropim.method.ropim import ROPIM
 from tests.conftest import tiny_backbone
 
 

@@ -20,16 +20,15 @@ from downstream.scenes import (
     write_ade20k_scenes,
 )
 from downstream.segmentation.dataset import IGNORE_INDEX, ADE20KSegmentation
-from downstream.segmentation.evaluate import evaluate_segmentation
 from downstream.segmentation.finetune import finetune_segmentation
 from downstream.segmentation.inference import predict_labels, slide_logits
 from downstream.segmentation.metrics import confusion_matrix, segmentation_scores
 from downstream.segmentation.settings import segmentation_settings
-from ropim.config import load_config
-from ropim.errors import ConfigError, DataError
-from ropim.results import read_results
-from ropim.trainer import pretrain
-from tests.conftest import TINY_CONFIG, tiny_backbone
+from ropim.harness.config import load_config
+from ropim.harness.errors import ConfigError, DataError
+from ropim.harness.pretrain import pretrain
+from ropim.suite.results import read_results
+from tests.conftest import TINY_CONFIG, evaluate, tiny_backbone
 
 SMALL_SCENES = SceneSpec(canvas=56, train_scenes=6, val_scenes=3, max_digits=3)
 
@@ -170,7 +169,7 @@ def test_tiny_finetune_lowers_the_loss_and_beats_all_background(tmp_path):
     run_dir = pretrain(cfg)
     raw = TINY_SEGMENTATION | {"scenes": TINY_SEGMENTATION["scenes"] | {"folder": str(tmp_path)}}
     results = tmp_path / "results.csv"
-    rows = evaluate_segmentation(run_dir, segmentation_settings(raw), results)
+    rows = evaluate("segmentation", run_dir, raw, results)
     value = {r["metric"]: r["value"] for r in rows}
     assert value["mIoU"] > value["majority_mIoU"] > 0, value
     saved = (run_dir / "segmentation.json").read_text()

@@ -1,11 +1,11 @@
-"""The count-sketch projection satisfies every property in spec/ROPIM.md."""
+"""The count-sketch projection satisfies every property docs/method.md states."""
 
 import math
 
 import pytest
 import torch
 
-from ropim.sketch import CountSketch, num_buckets
+from ropim.method.sketch import CountSketch, num_buckets
 
 SHAPES = [(196, 0.14), (49, 0.14), (64, 0.25), (50, 0.3), (17, 0.5)]
 

@@ -1,1 +1,21 @@
-"""ImageNet-style classification of a pre-trained encoder: k-NN, linear probe, fine-tuning."""
+"""ImageNet-style classification: k-NN, linear probe and end-to-end fine-tuning."""
+
+from ropim.harness.tasks import Column, TaskSpec
+
+TASK = TaskSpec(
+    name="classification",
+    order=1,
+    settings="downstream.classification.settings:ClassificationSettings",
+    run="downstream.classification.evaluate:run_classification",
+    protocols=("knn", "linear", "finetune"),
+    headlines=(
+        Column("knn", "top1", "knn top-1 (%)"),
+        Column("linear", "top1", "linear top-1 (%)"),
+        Column("finetune", "top1", "finetune top-1 (%)"),
+    ),
+    published=(
+        Column("finetune", "top1", "published finetune (ViT-B/16, IN-1k)"),
+        Column("linear", "top1", "published linear (ViT-B/16, IN-1k)"),
+    ),
+    always=True,
+)

@@ -1,8 +1,11 @@
-"""Evaluate one pre-training run with the classification protocols; append tidy result rows."""
+"""Evaluate one pre-training run with the classification protocols (k-NN, linear probe,
+fine-tune); returns the measurements, the suite writes them."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,26 +15,29 @@ from downstream.classification.finetune import finetune_accuracy
 from downstream.classification.knn import knn_accuracy
 from downstream.classification.linear_probe import linear_probe_accuracy
 from downstream.classification.settings import ClassificationSettings
-from downstream.encoder import load_pretrained_encoder
-from downstream.rows import RunRows
-from ropim.data import SeededViews, eval_transform, load_images
-from ropim.probe import extract_features
+from downstream.encoder import load_pretrained_encoder, pretrained_checkpoint
+from ropim.harness.data import SeededViews, eval_transform, load_images
+from ropim.harness.probe import extract_features
+from ropim.harness.tasks import TaskOutcome
 
 
-def evaluate_classification(
-    run_dir: str | Path, settings: ClassificationSettings, results_path: str | Path
-) -> list[dict[str, Any]]:
-    """Run each protocol on the run's newest checkpoint; rows go to ``results_path`` and to
-    ``<run>/classification.json``."""
-    run_dir = Path(run_dir)
+def run_classification(
+    run_dir: Path,
+    settings: ClassificationSettings,
+    after_step: Sequence[Callable[[int], None]] = (),
+) -> TaskOutcome:
+    """Run each configured protocol on the run's newest checkpoint."""
     backbone, cfg = load_pretrained_encoder(run_dir)
     seed = cfg.run.seed
     transform = eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans)
     train_images = load_images(cfg.data, "train")
     val_images = load_images(cfg.data, "val")
     num_classes = len(_classes(train_images))
-    rows = RunRows(run_dir, "classification")
-    add = rows.add
+    measurements: list[tuple[str, str, float]] = []
+    details: dict[str, Any] = {"settings": asdict(settings)}
+
+    def add(protocol: str, metric: str, value: float) -> None:
+        measurements.append((protocol, metric, value))
 
     frozen = {"knn", "linear"} & set(settings.protocols)
     if frozen:
@@ -80,11 +86,24 @@ def evaluate_classification(
     if "finetune" in settings.protocols:
         start = time.perf_counter()
         fresh, _ = load_pretrained_encoder(run_dir, drop_path=settings.finetune.drop_path)
-        result = finetune_accuracy(fresh, cfg, settings.finetune, num_classes, seed)
+        fingerprint = {
+            "settings": asdict(settings.finetune),
+            "encoder": pretrained_checkpoint(run_dir),
+        }
+        result = finetune_accuracy(
+            fresh,
+            cfg,
+            settings.finetune,
+            num_classes,
+            seed,
+            run_dir / "classification_finetune",
+            fingerprint,
+            after_step,
+        )
         add("finetune", "top1", result["top1"])
         add("finetune", "seconds", time.perf_counter() - start)
-    rows.write(results_path)
-    return rows.rows
+        details["finetune"] = result
+    return TaskOutcome(measurements, details)
 
 
 def _classes(dataset: Any) -> list[str]:

@@ -3,23 +3,29 @@ decay, drop path, mixup/cutmix, RandAugment, random erasing and label smoothing.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from timm.data import Mixup, create_transform
+from timm.data.auto_augment import RandAugment, posterize
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from downstream.classification.settings import FinetuneSettings
-from ropim.backbone import ViTBackbone
-from ropim.config import Config
-from ropim.data import SeededViews, dataset_stats, eval_transform, load_images
-from ropim.optim import build_scheduler
-from ropim.trainer import make_fabric
+from ropim.harness.backbone import ViTBackbone
+from ropim.harness.checkpoint import backbone_signature
+from ropim.harness.config import Config
+from ropim.harness.data import SeededViews, dataset_stats, eval_transform, load_images
+from ropim.harness.loop import Hooks, LoopPlan, plan_steps, train_loop
+from ropim.harness.optim import build_scheduler
+from ropim.harness.runtime import make_fabric
+from ropim.harness.seeding import derive_seed, seeded_host_rngs
 
 
 class _ToPilRgb:
@@ -49,15 +55,44 @@ def finetune_transform(cfg: Config, ft: FinetuneSettings) -> v2.Compose:
         mean=tuple(mean),
         std=tuple(std),
     )
+    _allow_zero_bit_posterize(timm_transform)
     return v2.Compose([_ToPilRgb(cfg.model.in_chans), timm_transform])
 
 
+def _posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """Posterize that keeps 0 bits as a black image, as Pillow did before it began refusing
+    ``bits=0``: timm's increasing-severity RandAugment ('inc1', MAE's recipe) asks for 0 bits at
+    magnitude 10, which ``mstd0.5`` reaches, and would otherwise stop the fine-tune."""
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return posterize(image, bits_to_keep)
+
+
+def _allow_zero_bit_posterize(transform: Any) -> None:
+    for step in getattr(transform, "transforms", []):
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.aug_fn is posterize:
+                    op.aug_fn = _posterize
+
+
 def finetune_accuracy(
-    backbone: ViTBackbone, cfg: Config, ft: FinetuneSettings, num_classes: int, seed: int
+    backbone: ViTBackbone,
+    cfg: Config,
+    ft: FinetuneSettings,
+    num_classes: int,
+    seed: int,
+    out_dir: Path,
+    fingerprint: dict[str, Any],
+    after_step: Sequence[Callable[[int], None]] = (),
 ) -> dict[str, float]:
-    """Fine-tune ``backbone`` (changed in place) on the train split; top-1 on the val split."""
+    """Fine-tune ``backbone`` (changed in place) on the train split through the one loop
+    (checkpoints and resume under ``out_dir``); top-1 on the val split.
+
+    Deterministic per seed: views are seeded per (seed, epoch, image) including timm's draws
+    from Python's ``random``; mixup/cutmix draw from NumPy seeded per (seed, step)."""
     fabric = make_fabric(cfg.train.accelerator, cfg.train.precision)
-    torch.manual_seed(seed)
+    torch.manual_seed(derive_seed(seed, "classifier-head"))
     model = backbone.vit
     model.reset_classifier(num_classes, global_pool="avg")
     train_set = SeededViews(load_images(cfg.data, "train"), finetune_transform(cfg, ft), seed)
@@ -72,19 +107,18 @@ def finetune_accuracy(
     optimizer = create_optimizer_v2(
         model, "adamw", lr=lr, weight_decay=ft.weight_decay, layer_decay=ft.layer_decay
     )
-    train_loader = DataLoader(
-        train_set,
+    plan = LoopPlan(
+        steps=None,
+        epochs=ft.epochs,
         batch_size=batch,
-        shuffle=True,
-        drop_last=True,
-        num_workers=cfg.data.num_workers,
-        generator=torch.Generator().manual_seed(seed),
+        seed=seed,
+        log_every=ft.log_every,
+        checkpoint_every=ft.checkpoint_every,
+        num_workers=ft.num_workers,
+        clip_grad=ft.clip_grad,
+        desc=f"finetune {out_dir.parent.name}",
     )
-    val_loader = DataLoader(val_set, batch_size=256, num_workers=cfg.data.num_workers)
-    model, optimizer = fabric.setup(model, optimizer)
-    train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader)
-    per_epoch = len(train_loader)
-    total = max(1, math.ceil(ft.epochs * per_epoch))
+    per_epoch, total = plan_steps(len(train_set), plan, world)
     scheduler = build_scheduler(optimizer, total, round(ft.warmup_epochs * per_epoch), ft.min_lr)
     mixing = ft.mixup > 0 or ft.cutmix > 0
     mixup = (
@@ -100,28 +134,42 @@ def finetune_accuracy(
     criterion = (
         SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(ft.label_smoothing)
     )
-    step = 0
-    model.train()
-    while step < total:
-        for images, labels in train_loader:
-            scheduler.step_update(step)
-            if mixup is not None:
+    rank = fabric.global_rank
+
+    def step_loss(net: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        images, labels = batch
+        if mixup is not None:
+            with seeded_host_rngs(derive_seed(seed, "mixup", step, rank)):
                 images, labels = mixup(images, labels)
-            loss = criterion(model(images), labels)
-            fabric.backward(loss)
-            if ft.clip_grad is not None:
-                fabric.clip_gradients(model, optimizer, max_norm=ft.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step >= total:
-                break
-    model.eval()
+        return criterion(net(images), labels), {}
+
+    trained = train_loop(
+        fabric,
+        model,
+        optimizer,
+        scheduler,
+        train_set,
+        plan,
+        Hooks(loss=step_loss, after_step=after_step),
+        out_dir,
+        signature=backbone_signature(backbone)
+        | {"task": "classification", "num_classes": str(num_classes)},
+        fingerprint=fingerprint,
+    )
+    val_loader = fabric.setup_dataloaders(
+        DataLoader(val_set, batch_size=256, num_workers=ft.num_workers)
+    )
+    net = trained.model
     correct = torch.zeros((), device=fabric.device)
     seen = torch.zeros((), device=fabric.device)
     with torch.no_grad():
         for images, labels in val_loader:
-            correct += (model(images).argmax(dim=1) == labels).sum()
+            correct += (net(images).argmax(dim=1) == labels).sum()
             seen += len(labels)
     correct, seen = fabric.all_reduce(correct, "sum"), fabric.all_reduce(seen, "sum")
-    return {"top1": float(correct / seen), "final_train_loss": float(loss.detach()), "steps": step}
+    return {
+        "top1": float(correct / seen),
+        "steps": trained.progress.step,
+        "total_batch": batch * world,
+        "train_seconds": trained.progress.train_time_s,
+    }

@@ -12,7 +12,7 @@ import torch
 from timm.optim import Lars
 from torch import Tensor, nn
 
-from ropim.optim import build_scheduler
+from ropim.harness.optim import build_scheduler
 
 
 def linear_probe_accuracy(

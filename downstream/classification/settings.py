@@ -1,12 +1,12 @@
-"""Classification protocol settings; defaults follow MAE's ViT-B recipes (spec/BASELINES.md)."""
+"""Classification protocol settings; defaults follow MAE's ViT-B recipes (docs/recipes.md)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from ropim.config import build_section
-from ropim.errors import ConfigError
+from ropim.harness.errors import ConfigError
+from ropim.harness.tasks import TaskSettings, TrainingSettings
 
 PROTOCOLS = ("knn", "linear", "finetune")
 
@@ -20,7 +20,7 @@ class KnnSettings:
 @dataclass
 class LinearSettings:
     epochs: int = 90
-    batch_size: int = 256
+    batch_size: int = 256  # the probe trains in one process on cached features
     base_lr: float = 0.1  # per lr_batch_divisor images
     lr_batch_divisor: int = 256
     warmup_epochs: int = 10
@@ -29,9 +29,11 @@ class LinearSettings:
 
 
 @dataclass
-class FinetuneSettings:
+class FinetuneSettings(TrainingSettings):
     epochs: float = 100
     batch_size: int = 128  # per device
+    log_every: int = 20
+    checkpoint_every: int = 1000  # steps
     base_lr: float = 5e-4
     lr_batch_divisor: int = 256
     warmup_epochs: float = 5
@@ -50,21 +52,23 @@ class FinetuneSettings:
 
 
 @dataclass
-class ClassificationSettings:
+class ClassificationSettings(TaskSettings):
     protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     feature: str = "cls"  # frozen feature for k-NN and the linear probe: cls or avg
     knn: KnnSettings = field(default_factory=KnnSettings)
     linear: LinearSettings = field(default_factory=LinearSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
 
+    def check(self, section: str) -> None:
+        unknown = sorted(set(self.protocols) - set(PROTOCOLS))
+        if unknown:
+            raise ConfigError(
+                f"unknown {section}.protocols entry {unknown[0]!r}; choose from {PROTOCOLS}"
+            )
+        if self.feature not in ("cls", "avg"):
+            raise ConfigError(f"{section}.feature={self.feature!r} must be cls or avg")
+        self.finetune.check(f"{section}.finetune")
+
 
 def classification_settings(raw: dict[str, Any] | None) -> ClassificationSettings:
-    settings = build_section(ClassificationSettings, raw or {}, "classification.")
-    unknown = sorted(set(settings.protocols) - set(PROTOCOLS))
-    if unknown:
-        raise ConfigError(
-            f"unknown classification.protocols entry {unknown[0]!r}; choose from {PROTOCOLS}"
-        )
-    if settings.feature not in ("cls", "avg"):
-        raise ConfigError(f"classification.feature={settings.feature!r} must be cls or avg")
-    return settings
+    return ClassificationSettings.parse(raw, "classification")

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ropim.errors import DataError
+from ropim.harness.errors import DataError
 
 
 def annotation_file(root: str | Path, split: str) -> Path:

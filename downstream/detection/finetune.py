@@ -9,31 +9,37 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from timm.scheduler import MultiStepLRScheduler
-from torch import nn
+from torch import Tensor, nn
 
 from downstream.detection.coco_eval import coco_evaluate, coco_results, gather_predictions
 from downstream.detection.dataset import CocoInstances
 from downstream.detection.model import ViTDetMaskRCNN
 from downstream.detection.settings import DetectionSettings
 from downstream.detection.transforms import LargeScaleJitter, to_model_input
-from downstream.encoder import dense_encoder, load_pretrained_encoder
-from downstream.loop import LoopPlan, SeededPairs, layer_decay_adamw, train_iterations
-from downstream.scenes import scene_dataset_dir, spec_of, write_coco_scenes
-from ropim.data import dataset_stats
-from ropim.seeding import derive_seed
-from ropim.trainer import make_fabric
+from downstream.encoder import dense_encoder, load_pretrained_encoder, pretrained_checkpoint
+from downstream.scenes import scene_dataset_dir, scenes_folder, spec_of, write_coco_scenes
+from ropim.harness.data import SeededPairs, dataset_stats
+from ropim.harness.loop import Hooks, LoopPlan, train_loop
+from ropim.harness.optim import layer_decay_adamw
+from ropim.harness.runtime import make_fabric
+from ropim.harness.seeding import derive_seed
+from ropim.harness.tasks import TaskOutcome
 
 
-def resolve_data(settings: DetectionSettings) -> tuple[Path, str]:
+def resolve_data(settings: DetectionSettings, run_dir: Path) -> tuple[Path, str]:
     if settings.dataset == "coco":
         return Path(settings.root or "").expanduser(), "coco"
     s = settings.scenes
-    return write_coco_scenes(scene_dataset_dir(s, s.folder, "coco"), spec_of(s)), "digit_scenes"
+    return write_coco_scenes(
+        scene_dataset_dir(s, scenes_folder(s, run_dir), "coco"), spec_of(s)
+    ), "digit_scenes"
 
 
 def collate_lists(batch: list) -> tuple[list, list]:
@@ -42,9 +48,32 @@ def collate_lists(batch: list) -> tuple[list, list]:
     return list(images), list(targets)
 
 
-def finetune_detection(run_dir: str | Path, settings: DetectionSettings) -> dict[str, Any]:
+def run_detection(
+    run_dir: Path,
+    settings: DetectionSettings,
+    after_step: Sequence[Callable[[int], None]] = (),
+) -> TaskOutcome:
+    """Mask R-CNN fine-tune and COCO's six AP numbers for boxes and masks (size ranges without
+    objects have no AP and give no row)."""
+    start = time.perf_counter()
+    scores = finetune_detection(run_dir, settings, after_step)
+    measurements = [
+        ("vitdet_mask_rcnn", f"{prefix}_{stat}", scores[f"{prefix}_{stat}"])
+        for prefix in ("box", "mask")
+        for stat in ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        if not math.isnan(scores[f"{prefix}_{stat}"])
+    ]
+    measurements.append(("vitdet_mask_rcnn", "seconds", time.perf_counter() - start))
+    return TaskOutcome(measurements, {"scores": scores, "settings": asdict(settings)})
+
+
+def finetune_detection(
+    run_dir: str | Path,
+    settings: DetectionSettings,
+    after_step: Sequence[Callable[[int], None]] = (),
+) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    root, dataset_name = resolve_data(settings)
+    root, dataset_name = resolve_data(settings, run_dir)
     train = CocoInstances(root, "train")
     val = CocoInstances(root, "val")
     encoder, cfg = load_pretrained_encoder(run_dir, drop_path=settings.drop_path)
@@ -71,7 +100,8 @@ def finetune_detection(run_dir: str | Path, settings: DetectionSettings) -> dict
     optimizer = layer_decay_adamw(
         model, settings.lr, settings.weight_decay, settings.layer_decay, settings.betas
     )
-    total = max(1, math.ceil(settings.epochs * len(train) / settings.batch_size))
+    world = fabric.world_size
+    total = max(1, math.ceil(settings.epochs * len(train) / (settings.batch_size * world)))
     scheduler = MultiStepLRScheduler(
         optimizer,
         decay_t=[round(share * total) for share in settings.decay_at],
@@ -85,24 +115,35 @@ def finetune_detection(run_dir: str | Path, settings: DetectionSettings) -> dict
         settings.image_size, settings.scale_range, settings.hflip, cfg.model.in_chans
     )
     views = SeededPairs(train, augment, seed, "detection-view")
-    plan = LoopPlan.of(settings, total, seed)
+    plan = LoopPlan(
+        steps=total,
+        batch_size=settings.batch_size,
+        seed=seed,
+        log_every=settings.log_every,
+        checkpoint_every=settings.checkpoint_every,
+        num_workers=settings.num_workers,
+        keep_history=True,
+        collate=collate_lists,
+        desc=f"det {run_dir.name}",
+    )
 
-    def step_loss(net: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_loss(net: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         images, targets = batch
         losses = net(images, targets)
-        return sum(losses.values()), {k: float(v.detach()) for k, v in losses.items()}
+        return sum(losses.values()), dict(losses)
 
-    trained = train_iterations(
+    fingerprint = {"settings": asdict(settings), "encoder": pretrained_checkpoint(run_dir)}
+    trained = train_loop(
         fabric,
         model,
         optimizer,
         scheduler,
         views,
         plan,
-        step_loss,
+        Hooks(loss=step_loss, after_step=after_step),
         run_dir / "detection",
-        f"det {run_dir.name}",
-        collate=collate_lists,
+        model.signature(),
+        fingerprint,
     )
     scores = evaluate_detector(trained.model, val, cfg.model.in_chans, fabric)
     terms = [k for k in trained.history[-1] if k != "loss"] if trained.history else []
@@ -110,8 +151,9 @@ def finetune_detection(run_dir: str | Path, settings: DetectionSettings) -> dict
         "dataset": dataset_name,
         "num_classes": train.num_classes,
         "iterations": total,
-        "train_seconds": trained.train_seconds,
-        "images_per_s": total * settings.batch_size / max(trained.train_seconds, 1e-9),
+        "total_batch": settings.batch_size * world,
+        "train_seconds": trained.progress.train_time_s,
+        "images_per_s": trained.progress.images_seen / max(trained.progress.train_time_s, 1e-9),
         "first_losses": {k: trained.mean_of(k, "first") for k in ["loss", *terms]},
         "last_losses": {k: trained.mean_of(k, "last") for k in ["loss", *terms]},
         "loss_curves": {k: trained.curve(k) for k in ["loss", *terms]},

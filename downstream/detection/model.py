@@ -19,8 +19,8 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from downstream.encoder import FineTunedViT
 from downstream.pyramid import ViTPyramid
-from ropim.backbone import ViTBackbone
-from ropim.errors import ConfigError
+from ropim.harness.backbone import ViTBackbone
+from ropim.harness.errors import ConfigError
 
 LEVELS = ("0", "1", "2", "3")
 

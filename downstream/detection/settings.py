@@ -1,6 +1,7 @@
 """Detection settings; defaults are ViTDet's ViT-B Mask R-CNN recipe on COCO (detectron2's
 ``mask_rcnn_vitdet_b_100ep``): 1024-px large-scale jitter, 100 epochs at batch 64, AdamW 1e-4,
-weight decay 0.1, layer decay 0.7, 250-iteration warmup, x0.1 steps at 88.9% and 96.3%."""
+weight decay 0.1, layer decay 0.7, 250-iteration warmup, x0.1 steps at 88.9% and 96.3%
+(docs/recipes.md)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from downstream.scenes import SceneSettings
-from ropim.config import build_section
-from ropim.errors import ConfigError
+from ropim.harness.errors import ConfigError
+from ropim.harness.tasks import TrainingSettings
 
 
 @dataclass
-class DetectionSettings:
+class DetectionSettings(TrainingSettings):
     dataset: str = "coco"  # or "digit_scenes" (generated from the bundled digits)
     root: str | None = None  # coco: folder with annotations/instances_{train,val}*.json + images
     image_size: int = 1024  # LSJ canvas; evaluation resizes the long side to it
     scale_range: list[float] = field(default_factory=lambda: [0.1, 2.0])
     hflip: float = 0.5
     epochs: float = 100
-    batch_size: int = 64  # over all devices
+    batch_size: int = 8  # per device: 8 GPUs x 8 = detectron2's total of 64
     lr: float = 1e-4
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -39,25 +40,26 @@ class DetectionSettings:
     detections_per_image: int = 100
     checkpoint_every: int = 2000
     log_every: int = 20
-    num_workers: int = 0
     scenes: SceneSettings = field(default_factory=SceneSettings)  # dataset: digit_scenes
+
+    def check(self, section: str) -> None:
+        super().check(section)
+        if self.dataset not in ("coco", "digit_scenes"):
+            raise ConfigError(f"{section}.dataset={self.dataset!r} must be coco or digit_scenes")
+        if self.dataset == "coco" and not self.root:
+            raise ConfigError(
+                f"{section}.root is required for {section}.dataset=coco: the folder holding "
+                "annotations/instances_{train,val}2017.json (make: COCO_DIR=...), or use "
+                "dataset=digit_scenes"
+            )
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ConfigError(f"{section}.scale_range={self.scale_range} must be 0 < low <= high")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"{section}.layer_decay={self.layer_decay} must lie in (0, 1]")
+        if self.epochs <= 0:
+            raise ConfigError(f"{section}.epochs={self.epochs} must be positive")
 
 
 def detection_settings(raw: dict[str, Any] | None) -> DetectionSettings:
-    settings = build_section(DetectionSettings, raw or {}, "detection.")
-    if settings.dataset not in ("coco", "digit_scenes"):
-        raise ConfigError(f"detection.dataset={settings.dataset!r} must be coco or digit_scenes")
-    if settings.dataset == "coco" and not settings.root:
-        raise ConfigError(
-            "detection.root is required for detection.dataset=coco: the folder holding "
-            "annotations/instances_{train,val}2017.json (make: COCO_DIR=...), or use "
-            "dataset=digit_scenes"
-        )
-    low, high = settings.scale_range
-    if not 0 < low <= high:
-        raise ConfigError(f"detection.scale_range={settings.scale_range} must be 0 < low <= high")
-    if not 0 < settings.layer_decay <= 1:
-        raise ConfigError(f"detection.layer_decay={settings.layer_decay} must lie in (0, 1]")
-    if settings.epochs <= 0 or settings.batch_size <= 0:
-        raise ConfigError("detection.epochs and detection.batch_size must be positive")
-    return settings
+    return DetectionSettings.parse(raw, "detection")

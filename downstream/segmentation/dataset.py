@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ropim.errors import DataError
+from ropim.harness.errors import DataError
 
 IGNORE_INDEX = 255
 SPLITS = {"train": "training", "val": "validation"}

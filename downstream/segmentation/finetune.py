@@ -9,19 +9,21 @@ image), the confusion matrix summed over ranks under torchrun.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from timm.scheduler import PolyLRScheduler
-from torch import nn
+from torch import Tensor, nn
 
-from downstream.encoder import dense_encoder, load_pretrained_encoder
-from downstream.loop import LoopPlan, SeededPairs, layer_decay_adamw, train_iterations
+from downstream.encoder import dense_encoder, load_pretrained_encoder, pretrained_checkpoint
 from downstream.pyramid import ViTPyramid, default_out_indices
 from downstream.scenes import (
     NUM_SCENE_CLASSES,
     scene_dataset_dir,
+    scenes_folder,
     spec_of,
     write_ade20k_scenes,
 )
@@ -36,14 +38,17 @@ from downstream.segmentation.transforms import (
     normalize,
     resize_pair,
 )
-from ropim.config import Config
-from ropim.data import dataset_stats
-from ropim.errors import ConfigError
-from ropim.seeding import derive_seed
-from ropim.trainer import make_fabric
+from ropim.harness.config import Config
+from ropim.harness.data import SeededPairs, dataset_stats
+from ropim.harness.errors import ConfigError
+from ropim.harness.loop import Hooks, LoopPlan, train_loop
+from ropim.harness.optim import layer_decay_adamw
+from ropim.harness.runtime import make_fabric
+from ropim.harness.seeding import derive_seed
+from ropim.harness.tasks import TaskOutcome
 
 
-def resolve_data(settings: SegmentationSettings) -> tuple[Path, int, str]:
+def resolve_data(settings: SegmentationSettings, run_dir: Path) -> tuple[Path, int, str]:
     """Dataset folder, class count and a name: the given ADE20K root, or digit scenes."""
     if settings.dataset == "ade20k":
         return dataset_folder(settings.root or ""), settings.num_classes or 150, "ade20k"
@@ -53,7 +58,9 @@ def resolve_data(settings: SegmentationSettings) -> tuple[Path, int, str]:
             f"{NUM_SCENE_CLASSES} classes (digits 0-9 and background); unset it"
         )
     s = settings.scenes
-    folder = write_ade20k_scenes(scene_dataset_dir(s, s.folder, "ade20k"), spec_of(s))
+    folder = write_ade20k_scenes(
+        scene_dataset_dir(s, scenes_folder(s, run_dir), "ade20k"), spec_of(s)
+    )
     return folder, NUM_SCENE_CLASSES, "digit_scenes"
 
 
@@ -71,9 +78,26 @@ def build_segmenter(
     return model, cfg
 
 
-def finetune_segmentation(run_dir: str | Path, settings: SegmentationSettings) -> dict[str, Any]:
+def run_segmentation(
+    run_dir: Path,
+    settings: SegmentationSettings,
+    after_step: Sequence[Callable[[int], None]] = (),
+) -> TaskOutcome:
+    """UperNet fine-tune and mIoU: the rows of the ``upernet`` protocol."""
+    start = time.perf_counter()
+    scores = finetune_segmentation(run_dir, settings, after_step)
+    measurements = [("upernet", m, scores[m]) for m in ("mIoU", "mAcc", "aAcc", "majority_mIoU")]
+    measurements.append(("upernet", "seconds", time.perf_counter() - start))
+    return TaskOutcome(measurements, {"scores": scores, "settings": asdict(settings)})
+
+
+def finetune_segmentation(
+    run_dir: str | Path,
+    settings: SegmentationSettings,
+    after_step: Sequence[Callable[[int], None]] = (),
+) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    folder, num_classes, dataset_name = resolve_data(settings)
+    folder, num_classes, dataset_name = resolve_data(settings, run_dir)
     model, cfg = build_segmenter(run_dir, settings, num_classes)
     seed = cfg.run.seed
     fabric = make_fabric(cfg.train.accelerator, cfg.train.precision)
@@ -112,23 +136,43 @@ def finetune_segmentation(run_dir: str | Path, settings: SegmentationSettings) -
         warmup_prefix=True,
         t_in_epochs=False,
     )
-    plan = LoopPlan.of(settings, total, seed)
+    plan = LoopPlan(
+        steps=total,
+        batch_size=settings.batch_size,
+        seed=seed,
+        log_every=settings.log_every,
+        checkpoint_every=settings.checkpoint_every,
+        num_workers=settings.num_workers,
+        keep_history=True,
+        desc=f"seg {run_dir.name}",
+    )
 
-    def step_loss(net: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_loss(net: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         images, labels = batch
         return segmentation_loss(net(images, with_aux=True), labels, settings.aux_weight), {}
 
-    out_dir = run_dir / "segmentation"
-    trained = train_iterations(
-        fabric, model, optimizer, scheduler, views, plan, step_loss, out_dir, f"seg {run_dir.name}"
+    fingerprint = {"settings": asdict(settings), "encoder": pretrained_checkpoint(run_dir)}
+    trained = train_loop(
+        fabric,
+        model,
+        optimizer,
+        scheduler,
+        views,
+        plan,
+        Hooks(loss=step_loss, after_step=after_step),
+        run_dir / "segmentation",
+        model.signature(),
+        fingerprint,
     )
     scores = evaluate_segmenter(trained.model, val, settings, cfg, fabric)
+    seconds = trained.progress.train_time_s
     return scores | {
         "dataset": dataset_name,
         "num_classes": num_classes,
         "iterations": total,
-        "train_seconds": trained.train_seconds,
-        "images_per_s": total * settings.batch_size / max(trained.train_seconds, 1e-9),
+        "total_batch": settings.batch_size * world,
+        "train_seconds": seconds,
+        "images_per_s": trained.progress.images_seen / max(seconds, 1e-9),
         "first_loss": trained.mean_of("loss", "first"),
         "last_loss": trained.mean_of("loss", "last"),
     }

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ropim.errors import check_ratio
+from ropim.harness.errors import check_ratio
 
 Scaling = Literal["exact", "authors"]
 SCALINGS: tuple[str, ...] = ("exact", "authors")

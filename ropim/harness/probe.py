@@ -14,7 +14,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset
 
-from ropim.backbone import ViTBackbone
+from ropim.harness.backbone import ViTBackbone
 
 
 @torch.no_grad()

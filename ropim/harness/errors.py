@@ -9,6 +9,10 @@ class DataError(RuntimeError):
     """A dataset that is missing, empty or holds an unreadable file."""
 
 
+class TrainingError(RuntimeError):
+    """Training that cannot go on as configured (a loss that is no longer finite)."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt or from another architecture."""
 

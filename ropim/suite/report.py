@@ -7,6 +7,8 @@ mixed into the measured ones. Methods or seeds without rows show as missing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 import matplotlib
@@ -16,24 +18,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-REFERENCES = Path(__file__).resolve().parent.parent / "reports" / "references.csv"
-# The table's measured columns, in order: (task, protocol, metric) -> column title.
-HEADLINES = {
-    ("classification", "knn", "top1"): "knn top-1 (%)",
-    ("classification", "linear", "top1"): "linear top-1 (%)",
-    ("classification", "finetune", "top1"): "finetune top-1 (%)",
-    ("segmentation", "upernet", "mIoU"): "UperNet mIoU (%)",
-    ("detection", "vitdet_mask_rcnn", "box_AP"): "Mask R-CNN AP box (%)",
-    ("detection", "vitdet_mask_rcnn", "mask_AP"): "Mask R-CNN AP mask (%)",
-}
-# Published values shown beside the measured ones: (task, protocol, metric) -> column title.
-PUBLISHED = {
-    ("classification", "finetune", "top1"): "published finetune (ViT-B/16, IN-1k)",
-    ("classification", "linear", "top1"): "published linear (ViT-B/16, IN-1k)",
-    ("segmentation", "upernet", "mIoU"): "published mIoU (ADE20K)",
-    ("detection", "vitdet_mask_rcnn", "box_AP"): "published AP box (COCO)",
-    ("detection", "vitdet_mask_rcnn", "mask_AP"): "published AP mask (COCO)",
-}
+from ropim.harness.tasks import TaskSpec  # noqa: E402
+
+REFERENCES = resources.files("ropim.suite") / "references.csv"  # package data
+
+
+def headline_titles(tasks: Sequence[TaskSpec]) -> dict[tuple[str, str, str], str]:
+    """The table's measured columns, in order: (task, protocol, metric) -> column title."""
+    return {(t.name, c.protocol, c.metric): c.title for t in tasks for c in t.headlines}
+
+
+def published_titles(tasks: Sequence[TaskSpec]) -> dict[tuple[str, str, str], str]:
+    """Published values shown beside the measured ones: (task, protocol, metric) -> title."""
+    return {(t.name, c.protocol, c.metric): c.title for t in tasks for c in t.published}
+
+
+def read_references() -> pd.DataFrame | None:
+    if not REFERENCES.is_file():
+        return None
+    with REFERENCES.open() as handle:
+        return pd.read_csv(handle)
 
 
 def _newest(results: pd.DataFrame, comparison: str) -> pd.DataFrame:
@@ -42,23 +46,39 @@ def _newest(results: pd.DataFrame, comparison: str) -> pd.DataFrame:
     return rows.sort_values("recorded_at").drop_duplicates(keys, keep="last")
 
 
-def headline_rows(results: pd.DataFrame, comparison: str) -> pd.DataFrame:
+def headline_rows(
+    results: pd.DataFrame, comparison: str, tasks: Sequence[TaskSpec]
+) -> pd.DataFrame:
     """Headline rows of one comparison (newest per run and measure) in percent, with a
     ``measure`` column naming the table column they fill."""
     rows = _newest(results, comparison)
+    headlines = headline_titles(tasks)
     titles = [
-        HEADLINES.get((t, p, m))
+        headlines.get((t, p, m))
         for t, p, m in zip(rows["task"], rows["protocol"], rows["metric"], strict=True)
     ]
     rows = rows.assign(measure=titles).dropna(subset=["measure"])
     return rows.assign(value=rows["value"] * 100)
 
 
-def majority_miou(results: pd.DataFrame, comparison: str) -> float | None:
-    """mIoU of predicting the most frequent class everywhere: the floor a segmenter must beat."""
+def floor_sentences(results: pd.DataFrame, comparison: str, tasks: Sequence[TaskSpec]) -> list[str]:
+    """One sentence per measured floor of a task (e.g. the majority-class mIoU)."""
     rows = _newest(results, comparison)
-    rows = rows[(rows["task"] == "segmentation") & (rows["metric"] == "majority_mIoU")]
-    return float(rows["value"].mean() * 100) if len(rows) else None
+    sentences = []
+    for task in tasks:
+        for floor in task.floors:
+            chosen = rows[
+                (rows["task"] == task.name)
+                & (rows["protocol"] == floor.protocol)
+                & (rows["metric"] == floor.metric)
+            ]
+            if len(chosen):
+                sentences.append(
+                    f"{floor.description} scores {chosen['value'].mean() * 100:.1f} "
+                    f"({floor.metric}, %) on the same validation set: the floor the {task.name} "
+                    f"column must beat."
+                )
+    return sentences
 
 
 def build_table(
@@ -66,12 +86,13 @@ def build_table(
     comparison: str,
     methods: list[str],
     seeds: list[int],
+    tasks: Sequence[TaskSpec],
     references: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    rows = headline_rows(results, comparison)
+    rows = headline_rows(results, comparison, tasks)
     found = set(rows["measure"]) if len(rows) else set()
     table = pd.DataFrame(index=pd.Index(methods, name="method"))
-    for measure in [title for title in HEADLINES.values() if title in found]:
+    for measure in [title for title in headline_titles(tasks).values() if title in found]:
         stats = rows[rows["measure"] == measure].groupby("method")["value"]
         stats = stats.agg(["mean", "std", "count"])
         table[measure] = [_cell(stats.loc[m]) if m in stats.index else "missing" for m in methods]
@@ -86,9 +107,9 @@ def build_table(
     table["pre-train epochs"] = [_num(cost, m, "epochs_completed", 2) for m in methods]
     table["pre-train s"] = [_num(cost, m, "pretrain_seconds", 0) for m in methods]
     table["pre-train img/s"] = [_num(cost, m, "pretrain_images_per_s", 0) for m in methods]
-    measured_tasks = set(rows["task"]) if len(rows) else {"classification"}
+    measured_tasks = _measured_tasks(rows, tasks)
     if references is not None and len(references):
-        for (task, protocol, metric), title in PUBLISHED.items():
+        for (task, protocol, metric), title in published_titles(tasks).items():
             if task not in measured_tasks:
                 continue
             ref = references[
@@ -98,6 +119,13 @@ def build_table(
             ].set_index("method")
             table[title] = [f"{ref.loc[m, 'value']:.1f}" if m in ref.index else "" for m in methods]
     return table
+
+
+def _measured_tasks(rows: pd.DataFrame, tasks: Sequence[TaskSpec]) -> set[str]:
+    """Tasks with rows; with none yet, the tasks that always run."""
+    if len(rows):
+        return set(rows["task"])
+    return {t.name for t in tasks if t.always}
 
 
 def _cell(stats: pd.Series) -> str:
@@ -114,6 +142,7 @@ def _num(frame: pd.DataFrame, method: str, column: str, digits: int) -> str:
 
 def write_report(
     results: pd.DataFrame,
+    tasks: Sequence[TaskSpec],
     comparison: str,
     methods: list[str],
     seeds: list[int],
@@ -124,24 +153,19 @@ def write_report(
     """``table2_<scale>.md`` and ``.csv`` plus two figures; returns the markdown path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    references = pd.read_csv(REFERENCES) if REFERENCES.is_file() else None
-    table = build_table(results, comparison, methods, seeds, references)
+    references = read_references()
+    table = build_table(results, comparison, methods, seeds, tasks, references)
     table.to_csv(out_dir / f"table2_{scale}.csv")
-    rows = headline_rows(results, comparison)
+    rows = headline_rows(results, comparison, tasks)
     figures = _figures(rows, out_dir, scale) if len(rows) else []
     lines = [f"# Table 2 ({scale}): {', '.join(methods)} under one budget", ""]
     if header:
         lines += [header, ""]
     lines += [table.to_markdown(), ""]
-    floor = majority_miou(results, comparison)
-    if floor is not None:
-        lines += [
-            f"Predicting the most frequent class everywhere scores {floor:.1f} mIoU on the same "
-            f"validation set: the floor the segmentation column must beat.",
-            "",
-        ]
+    for sentence in floor_sentences(results, comparison, tasks):
+        lines += [sentence, ""]
     if references is not None:
-        measured_tasks = set(rows["task"]) if len(rows) else {"classification"}
+        measured_tasks = _measured_tasks(rows, tasks)
         lines += [
             "Published values are ViT-B/16 pre-trained on ImageNet-1k and are not comparable "
             "with a smaller scale; sources:",

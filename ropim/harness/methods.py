@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ropim.backbone import ViTBackbone
-from ropim.checkpoint import architecture_signature
-from ropim.patches import patchify, unpatchify
+from ropim.harness.backbone import ViTBackbone
+from ropim.harness.checkpoint import architecture_signature
+from ropim.harness.patches import patchify, unpatchify
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,15 @@ class MaskingMethod(nn.Module, ABC):
     def signature(self) -> dict[str, str]:
         """What a checkpoint of this method must match to be loaded or resumed."""
         return architecture_signature(self, self.backbone, method=str(self.name))
+
+    def ablations(self) -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
+        """Named variants of the training step that isolate what one part of the method costs
+        (``bench-pretrain`` times the step inside each context); none by default."""
+        return {}
+
+    def micro_benchmarks(self, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+        """Rows of method-specific timings ``bench-pretrain`` prints after the step speeds."""
+        return []
 
     def no_weight_decay(self) -> set[str]:
         """Names excluded from weight decay besides biases/norms: positions, cls, mask tokens."""

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import yaml
 
-from downstream.tasks import configured_tasks, evaluate_task, headline_metrics, task_settings
-from ropim.compare import plan_comparison, run_comparison
-from ropim.config import apply_overrides
-from ropim.report import write_report
-from ropim.results import read_results
-from ropim.run_record import code_version
+from downstream.tasks import all_tasks, configured_tasks
+from ropim.harness.config import apply_overrides
+from ropim.harness.records import code_version
+from ropim.suite.compare import plan_comparison, run_comparison
+from ropim.suite.evaluate import evaluate_run
+from ropim.suite.report import write_report
+from ropim.suite.results import read_results
 
 
 def reproduce(
@@ -32,18 +33,19 @@ def reproduce(
     method_dirs: tuple = (),
 ) -> Path:
     raw = apply_overrides(yaml.safe_load(Path(config_path).read_text()), list(overrides or []))
-    tasks = {task: task_settings(task, raw) for task in configured_tasks(raw)}
+    tasks = [(task, task.parse_settings(raw)) for task in configured_tasks(raw)]
     planned = plan_comparison(config_path, overrides)
     run_dirs = run_comparison(planned, method_dirs)
-    for task, settings in tasks.items():
+    for task, settings in tasks:
+        headlines = {(c.protocol, c.metric) for c in task.headlines}
         for index, run_dir in enumerate(run_dirs, 1):
-            label = f"[{task} {index}/{len(run_dirs)}] {run_dir.name}"
-            if (run_dir / f"{task}.json").is_file():
+            label = f"[{task.name} {index}/{len(run_dirs)}] {run_dir.name}"
+            if (run_dir / f"{task.name}.json").is_file():
                 print(f"{label}: evaluated earlier", flush=True)
                 continue
             print(label, flush=True)
-            for row in evaluate_task(task, run_dir, settings, results_path):
-                if row["metric"] in headline_metrics(task):
+            for row in evaluate_run(task, run_dir, settings, results_path):
+                if (row["protocol"], row["metric"]) in headlines:
                     print(f"  {row['protocol']:<9} {row['metric']} {row['value']:.2%}", flush=True)
     return make_report(config_path, overrides, results_path, reports_dir)
 
@@ -69,6 +71,7 @@ def make_report(
     )
     path = write_report(
         read_results(results_path),
+        all_tasks(),
         section.get("name") or Path(config_path).stem,
         methods,
         seeds,

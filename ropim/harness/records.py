@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s"]
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -70,25 +69,33 @@ def hardware() -> dict[str, Any]:
 
 
 class MetricsLog:
-    """``metrics.csv``: one row per logged step; resuming drops rows past the checkpoint."""
+    """A CSV of one row per logged step (``metrics.csv``, ``evaluations.csv``); the columns are
+    those of the first row; resuming drops rows past the checkpoint."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def truncate_after(self, step: int) -> None:
+    def _columns(self) -> list[str] | None:
         if not self.path.is_file():
+            return None
+        with self.path.open(newline="") as handle:
+            return next(csv.reader(handle), None)
+
+    def truncate_after(self, step: int) -> None:
+        columns = self._columns()
+        if columns is None:
             return
         with self.path.open(newline="") as handle:
             rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
-        self._write(rows, mode="w")
+        self._write(rows, columns, mode="w")
 
     def append(self, row: dict[str, Any]) -> None:
-        self._write([row], mode="a")
+        self._write([row], self._columns() or list(row), mode="a")
 
-    def _write(self, rows: list[dict[str, Any]], mode: str) -> None:
+    def _write(self, rows: list[dict[str, Any]], columns: list[str], mode: str) -> None:
         new_file = mode == "w" or not self.path.is_file()
         with self.path.open(mode, newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             if new_file:
                 writer.writeheader()
             writer.writerows(rows)

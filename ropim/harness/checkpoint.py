@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ropim.errors import CheckpointError
+from ropim.harness.errors import CheckpointError
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -46,11 +46,18 @@ def architecture_signature(
     }
 
 
-def check_architecture(metadata: dict[str, str], module: nn.Module, path: str | Path) -> None:
-    """Refuse weights from another architecture, naming every key that differs."""
-    if hasattr(module, "signature"):  # masking methods and downstream models
+def check_architecture(
+    metadata: dict[str, str],
+    module: nn.Module,
+    path: str | Path,
+    expected: dict[str, str] | None = None,
+) -> None:
+    """Refuse weights from another architecture, naming every key that differs; ``expected``
+    defaults to the module's own ``signature()`` (methods, downstream models) or, for a
+    backbone, its backbone signature."""
+    if expected is None and hasattr(module, "signature"):
         expected = module.signature()  # type: ignore[operator]
-    else:
+    elif expected is None:
         expected = backbone_signature(module)
     differences = [
         f"{key}: checkpoint {metadata[key]!r} vs. this config {value!r}"
@@ -83,10 +90,12 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
 
 
-def load_weights(module: nn.Module, path: str | Path) -> dict[str, str]:
+def load_weights(
+    module: nn.Module, path: str | Path, expected: dict[str, str] | None = None
+) -> dict[str, str]:
     """Load weights saved by :func:`save_weights`, refusing another architecture by name."""
     tensors, metadata = read_weights(path)
-    check_architecture(metadata, module, path)
+    check_architecture(metadata, module, path, expected)
     missing, unexpected = module.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -147,7 +156,14 @@ class CheckpointDir:
         for old in steps[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, fabric: Any, path: Path, module: nn.Module, state: dict[str, Any]) -> dict:
+    def load(
+        self,
+        fabric: Any,
+        path: Path,
+        module: nn.Module,
+        state: dict[str, Any],
+        signature: dict[str, str] | None = None,
+    ) -> dict:
         """Restore weights into ``module`` and the training state in place; returns leftovers."""
-        load_weights(module, path / WEIGHTS_FILE)
+        load_weights(module, path / WEIGHTS_FILE, signature)
         return fabric.load(path / STATE_FILE, state, weights_only=True)

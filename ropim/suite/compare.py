@@ -16,9 +16,10 @@ from typing import Any
 
 import yaml
 
-from downstream.tasks import TASKS
-from ropim.config import Config, apply_overrides, load_config_dict
-from ropim.errors import ConfigError
+from downstream.tasks import all_tasks
+from ropim.harness.config import Config, apply_overrides, load_config_dict
+from ropim.harness.errors import ConfigError
+from ropim.harness.pretrain import pretrain
 
 # What every run of a comparison must share; each method owns everything else.
 BUDGET_KEYS = (
@@ -31,7 +32,6 @@ BUDGET_KEYS = (
     "train.accelerator",
 )
 COMPARE_KEYS = {"name", "scale", "seeds", "methods"}
-EXTRA_SECTIONS = tuple(TASKS)  # downstream task sections, read after pre-training
 # The optimiser values a method may set for itself (its published recipe).
 RECIPE_KEYS = {
     "base_lr",
@@ -114,8 +114,8 @@ def plan_comparison(
         raise ConfigError(f"comparison config not found or empty: {path}")
     raw = apply_overrides(raw, list(overrides or []))
     section = raw.pop("compare", None)
-    for extra in EXTRA_SECTIONS:  # read by the evaluation and report steps, not by pre-training
-        raw.pop(extra, None)
+    for task in all_tasks():  # task sections: read after pre-training, not by it
+        raw.pop(task.name, None)
     if not isinstance(section, dict) or not section.get("methods"):
         raise ConfigError(f"{path} needs a compare section with compare.methods")
     unknown = set(section) - COMPARE_KEYS
@@ -160,8 +160,6 @@ def plan_comparison(
 
 def run_comparison(planned: list[PlannedRun], method_dirs: tuple = ()) -> list[Path]:
     """Run each planned run; finished runs are skipped, interrupted ones resumed."""
-    from ropim.trainer import pretrain
-
     done = []
     for index, run in enumerate(planned, 1):
         run_dir = Path(run.config.run.output_dir) / run.config.run.name

@@ -1,15 +1,19 @@
-"""Tidy result rows for one evaluated pre-training run, shared by every downstream task."""
+"""Evaluate a pre-training run with one downstream task and record it: tidy rows appended to
+the results CSV and ``<run>/<task>.json`` (the "evaluated" mark), both from rank 0."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ropim.results import append_results
-from ropim.run_record import code_version, write_json
+from ropim.harness.errors import CheckpointError
+from ropim.harness.records import code_version, write_json
+from ropim.harness.tasks import TaskSettings, TaskSpec
+from ropim.suite.results import append_results
 
 
 class RunRows:
@@ -17,6 +21,8 @@ class RunRows:
 
     def __init__(self, run_dir: str | Path, task: str) -> None:
         run_dir = Path(run_dir)
+        if not (run_dir / "run.json").is_file():
+            raise CheckpointError(f"{run_dir} is not a pre-training run (no run.json)")
         record = json.loads((run_dir / "run.json").read_text())
         budget = record.get("budget", {})
         arch = record["architecture"]
@@ -57,3 +63,19 @@ class RunRows:
         append_results(results_path, self.rows)
         payload = {"code": code_version(), "rows": self.rows} | (extra or {})
         write_json(self.run_dir / f"{self.task}.json", payload)
+
+
+def evaluate_run(
+    task: TaskSpec,
+    run_dir: str | Path,
+    settings: TaskSettings,
+    results_path: str | Path,
+    after_step: Sequence[Callable[[int], None]] = (),
+) -> list[dict[str, Any]]:
+    """Run ``task`` on ``run_dir``; returns the rows it appended to ``results_path``."""
+    rows = RunRows(run_dir, task.name)  # reads run.json: a wrong folder fails before training
+    outcome = task.evaluate(run_dir, settings, after_step)
+    for protocol, metric, value in outcome.measurements:
+        rows.add(protocol, metric, value)
+    rows.write(results_path, outcome.details)
+    return rows.rows

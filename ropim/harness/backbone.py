@@ -10,7 +10,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ropim.errors import ConfigError
+from ropim.harness.errors import ConfigError
 
 
 def _check_model_name(name: str) -> None:

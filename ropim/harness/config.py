@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from ropim.errors import ConfigError
+from ropim.harness.errors import ConfigError
 
 
 @dataclass

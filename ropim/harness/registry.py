@@ -1,4 +1,6 @@
-"""Find a masking method by name: ``ropim`` here, any ``baselines/<name>.py``, or extra folders.
+"""Find a masking method by name: one module per method, named after it, in a method package
+(``ropim.method`` holds ROPIM, ``baselines`` the others) or in an extra folder. Every method,
+ROPIM included, is found the same way.
 
 Extra folders come from ``method_dirs`` arguments or the ``ROPIM_METHOD_PATH`` environment
 variable (``os.pathsep``-separated), so a user can try a method without touching the package.
@@ -16,42 +18,69 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ropim.backbone import ViTBackbone
-from ropim.errors import ConfigError
-from ropim.method import MaskingMethod
+from ropim.harness.backbone import ViTBackbone
+from ropim.harness.errors import ConfigError
+from ropim.harness.methods import MaskingMethod
 
-BUILTIN_METHODS = {"ropim": "ropim.ropim"}
-BASELINES_DIR = Path(__file__).resolve().parent.parent / "baselines"
+METHOD_PACKAGES = ("ropim.method", "baselines")  # importable packages of method modules
+
+
+def _package_dirs() -> dict[Path, str]:
+    """Folder of each method package -> its import name."""
+    found = {}
+    for package in METHOD_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            found[Path(folder).resolve()] = package
+    return found
 
 
 def _search_dirs(method_dirs: Iterable[str | Path] = ()) -> list[Path]:
     env = [p for p in os.environ.get("ROPIM_METHOD_PATH", "").split(os.pathsep) if p]
-    return [BASELINES_DIR, *(Path(d) for d in method_dirs), *(Path(d) for d in env)]
+    return [*_package_dirs(), *(Path(d) for d in method_dirs), *(Path(d) for d in env)]
 
 
-def available_methods(method_dirs: Iterable[str | Path] = ()) -> list[str]:
-    names = set(BUILTIN_METHODS)
+def _candidates(method_dirs: Iterable[str | Path]) -> set[str]:
+    names = set()
     for folder in _search_dirs(method_dirs):
         if folder.is_dir():
             names.update(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
-    return sorted(names)
+    return names
+
+
+def _defines(module: ModuleType, name: str) -> list[type[MaskingMethod]]:
+    return [
+        obj
+        for obj in vars(module).values()
+        if inspect.isclass(obj) and issubclass(obj, MaskingMethod) and obj.name == name
+    ]
+
+
+def available_methods(method_dirs: Iterable[str | Path] = ()) -> list[str]:
+    """Modules that define a method of their own name (helpers such as the sketch do not)."""
+    names = _candidates(method_dirs)
+    return sorted(n for n in names if _defines(_import_method_module(n, method_dirs), n))
 
 
 def _import_method_module(name: str, method_dirs: Iterable[str | Path]) -> ModuleType:
-    if name in BUILTIN_METHODS:
-        return importlib.import_module(BUILTIN_METHODS[name])
+    packages = _package_dirs()
     for folder in _search_dirs(method_dirs):
         path = folder / f"{name}.py"
         if not path.is_file():
             continue
-        if folder.resolve() == BASELINES_DIR:
-            return importlib.import_module(f"baselines.{name}")
+        if folder.resolve() in packages:
+            return importlib.import_module(f"{packages[folder.resolve()]}.{name}")
         module_name = f"ropim_user_methods.{name}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # a user's file: name it instead of a traceback
+            raise ConfigError(
+                f"cannot load method file {path}: {type(exc).__name__}: {exc}"
+            ) from None
         return module
     raise ConfigError(
         f"unknown method name {name!r} (method.name); available: "
@@ -62,11 +91,7 @@ def _import_method_module(name: str, method_dirs: Iterable[str | Path]) -> Modul
 
 def method_class(name: str, method_dirs: Iterable[str | Path] = ()) -> type[MaskingMethod]:
     module = _import_method_module(name, method_dirs)
-    found = [
-        obj
-        for obj in vars(module).values()
-        if inspect.isclass(obj) and issubclass(obj, MaskingMethod) and obj.name == name
-    ]
+    found = _defines(module, name)
     if len(found) != 1:
         raise ConfigError(
             f"{module.__file__} must define exactly one MaskingMethod subclass with "

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
+from torch import nn
 
-from ropim.config import TrainSection
-from ropim.method import MaskingMethod, Recipe
+from ropim.harness.config import TrainSection
+from ropim.harness.methods import MaskingMethod, Recipe
 
 
 @dataclass(frozen=True)
@@ -74,4 +76,19 @@ def build_scheduler(
         warmup_lr_init=min_lr if warmup_steps else 0.0,
         warmup_prefix=True,
         t_in_epochs=False,
+    )
+
+
+def layer_decay_adamw(
+    model: nn.Module, lr: float, weight_decay: float, layer_decay: float, betas: Sequence[float]
+) -> torch.optim.Optimizer:
+    """AdamW with timm's layer-wise lr decay (the model's ``group_matcher``) and no decay on
+    norms, biases and the model's ``no_weight_decay`` names (fine-tuning recipes)."""
+    return create_optimizer_v2(
+        model,
+        "adamw",
+        lr=lr,
+        weight_decay=weight_decay,
+        layer_decay=layer_decay,
+        betas=tuple(betas),
     )

@@ -7,7 +7,7 @@ the very same views and a resumed run replays the exact batches it would have se
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,9 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
 
-from ropim.config import DataSection
-from ropim.errors import ConfigError, DataError
-from ropim.seeding import derive_seed
+from ropim.harness.config import DataSection
+from ropim.harness.errors import ConfigError, DataError
+from ropim.harness.seeding import derive_seed, seeded_host_rngs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -182,7 +182,9 @@ def eval_transform(cfg: DataSection, img_size: int, in_chans: int) -> v2.Transfo
 
 
 class SeededViews(Dataset):
-    """Applies a random transform with randomness fixed by (seed, epoch, index)."""
+    """Applies a random transform with randomness fixed by (seed, epoch, index): torch's,
+    Python's and NumPy's host generators are all seeded per item, so library transforms that
+    draw from any of them replay exactly (call :meth:`set_epoch` before each epoch)."""
 
     def __init__(self, images: Dataset, transform: v2.Transform, seed: int) -> None:
         self.images = images
@@ -198,9 +200,24 @@ class SeededViews(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image, label = self.images[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, "view", self.epoch, index))
+        with seeded_host_rngs(derive_seed(self.seed, "view", self.epoch, index)):
             return self.transform(image), label
+
+
+class SeededPairs(SeededViews):
+    """:class:`SeededViews` for dense tasks, whose augmentation moves the target with the image:
+    ``augment(input, target, generator)`` may draw from the generator or from the host RNGs,
+    all seeded by (seed, purpose, epoch, index)."""
+
+    def __init__(self, data: Dataset, augment: Callable, seed: int, purpose: str) -> None:
+        super().__init__(data, augment, seed)  # type: ignore[arg-type]
+        self.purpose = purpose
+
+    def __getitem__(self, index: int):
+        first, second = self.images[index]
+        seed = derive_seed(self.seed, self.purpose, self.epoch, index)
+        with seeded_host_rngs(seed):
+            return self.transform(first, second, torch.Generator().manual_seed(seed))
 
 
 def epoch_batches(

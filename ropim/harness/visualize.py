@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from ropim.method import MaskingMethod  # noqa: E402
+from ropim.harness.methods import MaskingMethod  # noqa: E402
 
 
 def _to_display(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:

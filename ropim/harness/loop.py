@@ -1,0 +1,305 @@
+"""The one training loop: pre-training, classification fine-tuning, segmentation and detection.
+
+What every task shares lives here: seeded per-epoch batches (:func:`epoch_batches`) over
+:class:`SeededViews`, the global RNG re-seeded per (seed, step, rank) so drop path and any
+sampling inside the model replay exactly, the schedule stepped per iteration, gradient clipping,
+progress and ``metrics.csv``, checkpoints every ``checkpoint_every`` steps and resume at the
+exact step, an optional wall-clock budget. What differs is passed in as :class:`Hooks`: the
+step's loss, an optional evaluation on an interval, and callbacks after each step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ropim.harness.checkpoint import CheckpointDir
+from ropim.harness.data import SeededViews, epoch_batches, steps_per_epoch
+from ropim.harness.errors import ConfigError, TrainingError
+from ropim.harness.progress import ProgressDisplay
+from ropim.harness.records import MetricsLog
+from ropim.harness.seeding import derive_seed
+
+# (model, batch, step) -> (loss, named loss terms to log); the model is the Fabric-wrapped one.
+StepLoss = Callable[[nn.Module, Any, int], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass
+class LoopPlan:
+    """How long and how to train. ``batch_size`` is per device, as everywhere in the suite."""
+
+    steps: int | None  # None: ``epochs`` × steps per epoch
+    batch_size: int
+    seed: int
+    epochs: float | None = None
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    clip_grad: float | None = None
+    time_budget_s: float | None = None  # stop (and save) once training used this long
+    keep_history: bool = False  # every step's loss terms, kept in the checkpoint (dense tasks)
+    collate: Callable | None = None
+    desc: str = "train"
+
+
+@dataclass
+class Hooks:
+    """What differs between tasks."""
+
+    loss: StepLoss
+    evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None  # -> evaluations.csv
+    evaluate_every: int = 0  # steps; 0: never
+    after_step: Sequence[Callable[[int], None]] = field(default_factory=list)  # e.g. a test's
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    images_seen: int = 0
+    train_time_s: float = 0.0
+    stopped_by: str = "schedule"  # or "time_budget"
+
+
+@dataclass
+class LoopResult:
+    model: nn.Module  # as set up by Fabric, in eval mode
+    progress: Progress
+    steps_per_epoch: int
+    total_steps: int
+    history: list[dict[str, float]]  # per step, when the plan keeps it
+
+    def mean_of(self, key: str, part: str) -> float:
+        """Mean of ``key`` over the first or last tenth of the steps (at least one)."""
+        span = max(1, len(self.history) // 10)
+        chosen = self.history[:span] if part == "first" else self.history[-span:]
+        return sum(row[key] for row in chosen) / len(chosen)
+
+    def curve(self, key: str, windows: int = 8) -> list[float]:
+        """Means of ``key`` over ``windows`` equal consecutive spans of the run."""
+        values = [row[key] for row in self.history]
+        size = max(1, len(values) // windows)
+        spans = [values[i : i + size] for i in range(0, size * min(windows, len(values)), size)]
+        return [sum(span) / len(span) for span in spans]
+
+
+class TrainStep:
+    """One optimisation step exactly as the loop runs it (benchmarks time this same object):
+    RNG re-seeded for the step, loss, backward, optional clipping, optimiser step."""
+
+    def __init__(
+        self,
+        fabric: Any,
+        model: nn.Module,
+        optimizer: Any,
+        loss: StepLoss,
+        seed: int,
+        clip_grad: float | None = None,
+    ) -> None:
+        self.fabric, self.model, self.optimizer = fabric, model, optimizer
+        self.loss, self.seed, self.clip_grad = loss, seed, clip_grad
+
+    def __call__(self, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        torch.manual_seed(derive_seed(self.seed, "step", step, self.fabric.global_rank))
+        loss, terms = self.loss(self.model, batch, step)
+        self.fabric.backward(loss)
+        if self.clip_grad is not None:
+            self.fabric.clip_gradients(self.model, self.optimizer, max_norm=self.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), {k: v.detach() for k, v in terms.items()}
+
+
+def schedule_position(step: int, total: int, budget_s: float | None, used_s: float) -> int:
+    """Under a time budget the schedule follows the share of the budget used, so warmup and
+    decay complete when the time does; otherwise it follows the step."""
+    if budget_s is None:
+        return step
+    return min(total, int(total * used_s / budget_s))
+
+
+def _differences(before: Any, now: Any, key: str = "") -> list[str]:
+    if isinstance(before, dict) and isinstance(now, dict):
+        out = []
+        for sub in sorted(set(before) | set(now)):
+            out += _differences(before.get(sub), now.get(sub), f"{key}.{sub}" if key else sub)
+        return out
+    return [] if before == now else [f"{key}: {before!r} -> {now!r}"]
+
+
+def train_loop(
+    fabric: Any,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    views: SeededViews,
+    plan: LoopPlan,
+    hooks: Hooks,
+    out_dir: Path,
+    signature: dict[str, str],
+    fingerprint: dict[str, Any],
+) -> LoopResult:
+    """Train ``module`` on ``views`` per ``plan``; resume from ``out_dir``'s newest checkpoint.
+
+    ``fingerprint`` names what the run was started with (its settings, the weights it started
+    from); a checkpoint made with another one is refused rather than silently continued.
+    ``module`` is left in eval mode; the scheduler is built by the caller for
+    :func:`LoopResult` ``total_steps`` (see :func:`plan_steps`).
+    """
+    world, rank = fabric.world_size, fabric.global_rank
+    per_epoch, total = plan_steps(len(views), plan, world)
+    checkpoints = CheckpointDir(out_dir, plan.keep_checkpoints)
+    model, optimizer = fabric.setup(module, optimizer)
+    state: dict[str, Any] = {"optimizer": optimizer, "scheduler": scheduler}
+    progress, history = Progress(), []
+    latest = checkpoints.latest()
+    if latest is not None:
+        rest = checkpoints.load(fabric, latest, module, state, signature)
+        saved = json.loads(rest.get("fingerprint", "null"))
+        if saved is not None and saved != fingerprint:
+            changes = "; ".join(_differences(saved, fingerprint)[:5])
+            raise ConfigError(
+                f"{latest} was trained with other settings ({changes}); delete "
+                f"{checkpoints.root} to start afresh, or restore the settings"
+            )
+        progress = Progress(
+            rest["step"], rest["images_seen"], rest["train_time_s"], rest["stopped_by"]
+        )
+        history = rest.get("history", [])
+        fabric.print(f"{plan.desc}: resuming from step {progress.step} ({latest})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(out_dir / "metrics.csv")
+    evaluations = MetricsLog(out_dir / "evaluations.csv")
+    if rank == 0:
+        metrics.truncate_after(progress.step)
+        evaluations.truncate_after(progress.step)
+    fabric.barrier()
+
+    step_fn = TrainStep(fabric, model, optimizer, hooks.loss, plan.seed, plan.clip_grad)
+    per_device, global_batch = plan.batch_size, plan.batch_size * world
+    display = ProgressDisplay(total, progress.step, plan.desc, rank == 0)
+    budget_s = plan.time_budget_s
+    window: dict[str, Tensor] = {}
+    window_steps = 0
+    window_start = time.perf_counter()
+
+    def running_time() -> float:
+        return progress.train_time_s + time.perf_counter() - window_start
+
+    model.train()
+    while progress.step < total and progress.stopped_by != "time_budget":
+        epoch, start_batch = divmod(progress.step, per_epoch)
+        views.set_epoch(epoch)
+        batches = epoch_batches(
+            len(views),
+            per_device,
+            seed=plan.seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world,
+            start_batch=start_batch,
+        )
+        loader = DataLoader(
+            views,
+            batch_sampler=batches[: total - progress.step],
+            num_workers=plan.num_workers,
+            collate_fn=plan.collate,
+            pin_memory=fabric.device.type == "cuda",
+        )
+        for batch in fabric.setup_dataloaders(loader, use_distributed_sampler=False):
+            position = schedule_position(progress.step, total, budget_s, running_time())
+            scheduler.step_update(position)
+            loss, terms = step_fn(batch, progress.step)
+            progress.step += 1
+            progress.images_seen += global_batch
+            for name, value in {"loss": loss, **terms}.items():
+                window[name] = window.get(name, 0.0) + value.float()
+            window_steps += 1
+            if plan.keep_history:
+                history.append({name: float(v) for name, v in {"loss": loss, **terms}.items()})
+            display.advance()
+            out_of_time = budget_s is not None and running_time() >= budget_s
+            if out_of_time:
+                progress.stopped_by = "time_budget"
+            last = progress.step >= total or out_of_time
+            if progress.step % plan.log_every == 0 or last:
+                means = {
+                    name: float(fabric.all_reduce(value / window_steps, reduce_op="mean"))
+                    for name, value in window.items()
+                }
+                if not math.isfinite(means["loss"]):
+                    raise TrainingError(
+                        f"{plan.desc}: loss is {means['loss']} at step {progress.step}; lower "
+                        f"the learning rate or set gradient clipping, then resume from the "
+                        f"last checkpoint in {checkpoints.root}"
+                    )
+                now = time.perf_counter()
+                elapsed = now - window_start
+                progress.train_time_s += elapsed
+                throughput = window_steps * global_batch / max(elapsed, 1e-9)
+                lr = optimizer.param_groups[-1]["lr"]
+                display.report(means["loss"], lr, throughput)
+                if rank == 0:
+                    metrics.append(
+                        {"step": progress.step, "epoch": round(progress.step / per_epoch, 4)}
+                        | means
+                        | {
+                            "lr": lr,
+                            "images_per_s": round(throughput, 2),
+                            "elapsed_s": round(progress.train_time_s, 3),
+                        }
+                    )
+                window, window_steps = {}, 0
+                window_start = time.perf_counter()
+            evaluate_now = hooks.evaluate is not None and (
+                last or (hooks.evaluate_every and progress.step % hooks.evaluate_every == 0)
+            )
+            if evaluate_now:
+                pause = time.perf_counter()
+                model.eval()
+                with torch.no_grad():
+                    scores = hooks.evaluate(model, progress.step)  # type: ignore[misc]
+                model.train()
+                if rank == 0:
+                    evaluations.append({"step": progress.step} | scores)
+                window_start += time.perf_counter() - pause  # evaluation is not training
+            if progress.step % plan.checkpoint_every == 0 or last:
+                pause = time.perf_counter()
+                extra = {
+                    "step": progress.step,
+                    "images_seen": progress.images_seen,
+                    "train_time_s": progress.train_time_s,
+                    "stopped_by": progress.stopped_by,
+                    "fingerprint": json.dumps(fingerprint, sort_keys=True, default=str),
+                    "history": history,
+                }
+                checkpoints.save(fabric, progress.step, module, state | extra, signature)
+                window_start += time.perf_counter() - pause  # checkpoint I/O is not training
+            for callback in hooks.after_step:
+                callback(progress.step)
+            if last:
+                break
+    display.close()
+    model.eval()
+    return LoopResult(model, progress, per_epoch, total, history)
+
+
+def plan_steps(num_items: int, plan: LoopPlan, world_size: int) -> tuple[int, int]:
+    """Steps per epoch and in total for ``plan`` on ``num_items`` training items."""
+    if plan.batch_size <= 0:
+        raise ConfigError(f"{plan.desc}: batch size must be positive, got {plan.batch_size}")
+    per_epoch = steps_per_epoch(num_items, plan.batch_size, world_size)
+    if plan.steps is not None:
+        return per_epoch, max(1, plan.steps)
+    if plan.epochs is None:
+        raise ConfigError(f"{plan.desc}: set a number of steps or epochs")
+    return per_epoch, max(1, math.ceil(plan.epochs * per_epoch))

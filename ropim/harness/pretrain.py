@@ -1,0 +1,227 @@
+"""Pre-training: any registered masking method on the configured data, through the one loop.
+
+Writes ``<run>/config.yaml``, ``run.json`` (resolved recipe, seed, code version, hardware,
+cost), ``metrics.csv``, checkpoints, ``reconstructions.png`` and, when enabled, a quick probe
+against the same encoder at random initialisation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric import Fabric
+from torch import Tensor, nn
+
+from ropim.harness.checkpoint import CheckpointDir
+from ropim.harness.config import Config, save_config
+from ropim.harness.data import (
+    SeededViews,
+    dataset_stats,
+    eval_transform,
+    load_images,
+    pretrain_transform,
+)
+from ropim.harness.errors import ConfigError
+from ropim.harness.loop import Hooks, LoopPlan, StepLoss, plan_steps, train_loop
+from ropim.harness.methods import MaskingMethod
+from ropim.harness.optim import OptimSettings, build_optimizer, build_scheduler, resolve
+from ropim.harness.probe import probe_accuracy
+from ropim.harness.records import code_version, hardware, library_versions, write_json
+from ropim.harness.registry import build_method
+from ropim.harness.runtime import (
+    build_encoder,
+    gather,
+    make_fabric,
+    resolve_device,
+    weights_digest,
+)
+from ropim.harness.seeding import make_generator
+from ropim.harness.visualize import save_reconstructions
+
+
+@dataclass
+class Pretraining:
+    """A method set up to train: what :func:`pretrain` runs and ``bench`` times."""
+
+    fabric: Fabric
+    method: MaskingMethod
+    settings: OptimSettings
+    optimizer: torch.optim.Optimizer
+
+    def step_loss(self, seed: int) -> StepLoss:
+        """The method's loss on a batch of views; its own randomness (sketches, masks) comes
+        from a generator seeded per (seed, step, rank)."""
+        device, rank = self.fabric.device, self.fabric.global_rank
+
+        def loss(model: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+            images = batch[0] if isinstance(batch, (list, tuple)) else batch
+            return model(images, make_generator(device, seed, "method", step, rank)), {}
+
+        return loss
+
+
+def set_up_pretraining(cfg: Config, method_dirs: tuple[str | Path, ...] = ()) -> Pretraining:
+    fabric = make_fabric(cfg.train.accelerator, cfg.train.precision)
+    method = build_method(cfg.method, build_encoder(cfg), method_dirs)
+    settings = resolve(cfg.train, method.recipe, fabric.world_size)
+    return Pretraining(fabric, method, settings, build_optimizer(method, settings))
+
+
+def pretrain(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    method_dirs: tuple[str | Path, ...] = (),
+    after_step: Sequence[Callable[[int], None]] = (),
+) -> Path:
+    """Pre-train ``cfg.method`` on ``cfg.data``; returns the run directory. ``after_step``
+    callbacks run after every step (tests use one to simulate a crash)."""
+    started = time.perf_counter()
+    setup = set_up_pretraining(cfg, method_dirs)
+    fabric, method, settings = setup.fabric, setup.method, setup.settings
+    rank0 = fabric.global_rank == 0
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if CheckpointDir(run_dir).latest() is not None and not resume:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints; pass --resume to continue it, "
+            f"or choose a new run.name"
+        )
+    views = SeededViews(
+        load_images(cfg.data),
+        pretrain_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans),
+        cfg.run.seed,
+    )
+    train_cfg = cfg.train
+    plan = LoopPlan(
+        steps=None,
+        epochs=train_cfg.epochs,
+        batch_size=train_cfg.batch_size,
+        seed=cfg.run.seed,
+        log_every=train_cfg.log_every,
+        checkpoint_every=train_cfg.checkpoint_every,
+        keep_checkpoints=train_cfg.keep_checkpoints,
+        num_workers=cfg.data.num_workers,
+        clip_grad=settings.clip_grad,
+        time_budget_s=train_cfg.time_budget_s,
+        desc=f"{method.name} pre-train",
+    )
+    world = fabric.world_size
+    per_epoch, total_steps = plan_steps(len(views), plan, world)
+    scheduler = build_scheduler(
+        setup.optimizer, total_steps, round(settings.warmup_epochs * per_epoch), settings.min_lr
+    )
+    signature = method.signature()
+    record: dict[str, Any] = {
+        "status": "running",
+        "run_name": cfg.run.name,
+        "seed": cfg.run.seed,
+        "method": method.settings,
+        "recipe": method.recipe.as_dict(),
+        "optim": settings.as_dict(),
+        "architecture": signature,
+        "dataset": {"name": cfg.data.dataset, "root": cfg.data.root, "images": len(views)},
+        "world_size": world,
+        "precision": resolve_device(train_cfg.accelerator, train_cfg.precision)[1],
+        "device": str(fabric.device),
+        "steps_per_epoch": per_epoch,
+        "total_steps": total_steps,
+        "code": code_version(),
+        "libraries": library_versions(),
+        "hardware": hardware(),
+        "started_at": datetime.now(timezone.utc).isoformat(),
+    }
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        write_json(run_dir / "run.json", record)
+    fabric.barrier()
+
+    hooks = Hooks(loss=setup.step_loss(cfg.run.seed), after_step=after_step)
+    result = train_loop(
+        fabric,
+        method,
+        setup.optimizer,
+        scheduler,
+        views,
+        plan,
+        hooks,
+        run_dir,
+        signature,
+        fingerprint=cfg.to_dict(),
+    )
+    progress = result.progress
+    digests = gather(weights_digest(method))
+    record.update(
+        status="finished",
+        finished_at=datetime.now(timezone.utc).isoformat(),
+        steps=progress.step,
+        epochs_completed=progress.step / per_epoch,
+        budget={
+            "epochs": train_cfg.epochs,
+            "time_budget_s": train_cfg.time_budget_s,
+            "stopped_by": progress.stopped_by,
+        },
+        images_seen=progress.images_seen,
+        train_time_s=progress.train_time_s,
+        images_per_s=progress.images_seen / max(progress.train_time_s, 1e-9),
+        weights_sha256_per_rank=digests,
+    )
+    if rank0:
+        _write_reconstructions(cfg, method, fabric.device, run_dir)
+        if cfg.probe.enabled:
+            record["probe"] = _run_probe(cfg, method, fabric)
+        record["wall_time_s"] = time.perf_counter() - started
+        write_json(run_dir / "run.json", record)
+        fabric.print(
+            f"done: {progress.step} steps, {record['images_per_s']:.1f} images/s, "
+            f"train {progress.train_time_s:.0f}s, wall {record['wall_time_s']:.0f}s -> {run_dir}"
+        )
+    fabric.barrier()
+    return run_dir
+
+
+def _write_reconstructions(
+    cfg: Config, method: MaskingMethod, device: torch.device, run_dir: Path
+) -> None:
+    images = load_images(cfg.data)
+    transform = eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans)
+    count = min(cfg.train.reconstruction_images, len(images))
+    spread = torch.linspace(0, len(images) - 1, count).long().tolist()  # not just one class
+    batch = torch.stack([transform(images[i][0]) for i in spread]).to(device)
+    mean, std = dataset_stats(cfg.data)
+    generator = make_generator(device, cfg.run.seed, "figure")
+    save_reconstructions(method, batch, run_dir / "reconstructions.png", mean, std, generator)
+
+
+def _run_probe(cfg: Config, method: MaskingMethod, fabric: Fabric) -> dict[str, Any]:
+    transform = eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans)
+    train_set = SeededViews(load_images(cfg.data, "train"), transform, cfg.run.seed)
+    val_set = SeededViews(load_images(cfg.data, "val"), transform, cfg.run.seed)
+    device = fabric.device
+    pretrained = probe_accuracy(method.backbone, train_set, val_set, device, cfg.probe.max_iter)
+    random_init = probe_accuracy(
+        build_encoder(cfg).to(device), train_set, val_set, device, cfg.probe.max_iter
+    )
+    fabric.print(
+        f"linear probe (logistic regression, frozen final layer) on {len(val_set)} held-out "
+        f"images, trained on {len(train_set)}:"
+    )
+    names = {"cls": "cls token", "avg": "avg-pooled patch tokens"}
+    for kind in pretrained:
+        gain = (pretrained[kind] - random_init[kind]) * 100
+        fabric.print(
+            f"  {names[kind]:<24} pre-trained {pretrained[kind]:.2%} | random init "
+            f"{random_init[kind]:.2%} | {gain:+.1f} points"
+        )
+    return {
+        "pretrained_accuracy": pretrained,
+        "random_init_accuracy": random_init,
+        "train_images": len(train_set),
+        "val_images": len(val_set),
+    }

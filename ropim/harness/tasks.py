@@ -1,0 +1,110 @@
+"""The interface a downstream task implements: it declares itself once (name, protocols, the
+table columns it fills, published-value columns, floors) and the suite reads that declaration;
+nothing outside the task names its protocols or metrics.
+
+A task package ``downstream/<name>/`` exposes ``TASK = TaskSpec(...)`` in its ``__init__``;
+its settings class and its ``run`` function are named as ``"module:attribute"`` and imported
+only when used (segmentation pulls in ``transformers``, which takes seconds to load).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ropim.harness.config import build_section
+from ropim.harness.errors import ConfigError
+
+SettingsT = TypeVar("SettingsT", bound="TaskSettings")
+
+
+@dataclass
+class TaskSettings:
+    """Base of every task's settings section: parsed with unknown keys refused, then checked."""
+
+    @classmethod
+    def parse(cls: type[SettingsT], raw: dict[str, Any] | None, section: str) -> SettingsT:
+        settings = build_section(cls, raw or {}, f"{section}.")
+        settings.check(section)
+        return settings
+
+    def check(self, section: str) -> None:
+        """Raise :class:`ConfigError` naming ``section.key`` for a value that cannot work."""
+
+
+@dataclass
+class TrainingSettings(TaskSettings):
+    """What every downstream training run sets. ``batch_size`` is per device, as in
+    ``train.batch_size``: the total is batch_size × devices, recorded in each result."""
+
+    batch_size: int = 32
+    log_every: int = 20
+    checkpoint_every: int = 2000  # steps
+    num_workers: int = 0
+
+    def check(self, section: str) -> None:
+        for name in ("batch_size", "log_every", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{section}.{name}={getattr(self, name)} must be positive")
+        if self.num_workers < 0:
+            raise ConfigError(f"{section}.num_workers={self.num_workers} must be >= 0")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One (protocol, metric) the task measures, and the title of its report column."""
+
+    protocol: str
+    metric: str
+    title: str
+
+
+@dataclass(frozen=True)
+class Floor:
+    """A measured score no useful model should fall to (e.g. predicting the majority class)."""
+
+    protocol: str
+    metric: str
+    description: str  # "Predicting the most frequent class everywhere"
+
+
+@dataclass
+class TaskOutcome:
+    """What a task run measured: ``(protocol, metric, value)`` rows plus details for
+    ``<run>/<task>.json``."""
+
+    measurements: list[tuple[str, str, float]]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve(target: str) -> Any:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # also the config section and the ``task`` column of results
+    order: int  # position in tables and in a reproduction
+    settings: str  # "module:Class", a TaskSettings subclass
+    run: str  # "module:function"(run_dir, settings, after_step) -> TaskOutcome
+    protocols: tuple[str, ...]
+    headlines: tuple[Column, ...]  # measured columns of the report, in order
+    published: tuple[Column, ...] = ()  # columns filled from the published references
+    floors: tuple[Floor, ...] = ()
+    always: bool = False  # run even when the config has no section for it
+
+    def parse_settings(self, raw: dict[str, Any] | None) -> TaskSettings:
+        """This task's section of a config mapping (``raw[self.name]``), parsed and checked."""
+        return _resolve(self.settings).parse((raw or {}).get(self.name), self.name)
+
+    def evaluate(
+        self,
+        run_dir: str | Path,
+        settings: TaskSettings,
+        after_step: Sequence[Callable[[int], None]] = (),
+    ) -> TaskOutcome:
+        return _resolve(self.run)(Path(run_dir), settings, after_step)

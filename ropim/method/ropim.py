@@ -1,0 +1,85 @@
+"""ROPIM: random orthogonal projection of the patch tokens, loss on the complement."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ropim.harness.backbone import ViTBackbone
+from ropim.harness.methods import MaskingMethod, Recipe, linear_pixel_head
+from ropim.harness.patches import patchify
+from ropim.method.sketch import SCALINGS, CountSketch, Scaling, num_buckets
+
+
+class ROPIM(MaskingMethod):
+    """Encoder input ``ΠΦ``; linear decoder; ``mean |Π⊥(x − x̂)|`` with the same ``Π``."""
+
+    name = "ropim"
+    recipe = Recipe(
+        base_lr=1.5e-4,
+        lr_batch_divisor=512,
+        warmup_epochs=5,
+        betas=(0.9, 0.95),
+        weight_decay=0.05,
+        source="csiro-robotics/ROPIM configs/vit_base/ropim_pretrain__vit_base.yaml "
+        "(docs/recipes.md)",
+    )
+
+    def __init__(self, backbone: ViTBackbone, ratio: float = 0.14, scaling: Scaling = "exact"):
+        super().__init__(backbone)
+        num_buckets(backbone.num_tokens, ratio)  # reject a bad ratio before any training
+        if scaling not in SCALINGS:
+            raise ValueError(f"method.scaling={scaling!r} is not one of {SCALINGS}")
+        self.ratio = float(ratio)
+        self.scaling: Scaling = scaling
+        self.head = linear_pixel_head(backbone)
+        self.apply_projection = True  # False only inside the benchmark's ablation
+
+    def prepare(
+        self, patch_tokens: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, CountSketch]:
+        b, n, _ = patch_tokens.shape
+        sketch = CountSketch.sample(
+            b, n, self.ratio, generator=generator, device=patch_tokens.device, scaling=self.scaling
+        )
+        tokens = sketch.project(patch_tokens) if self.apply_projection else patch_tokens
+        return tokens, sketch
+
+    def decode(self, features: Tensor, state: CountSketch) -> Tensor:
+        return self.head(features)
+
+    def loss(self, prediction: Tensor, target: Tensor, state: CountSketch) -> Tensor:
+        residual = target - prediction.float()
+        kept = state.complement(residual) if self.apply_projection else residual
+        return kept.abs().mean()
+
+    def encoder_view(self, images: Tensor, state: CountSketch) -> Tensor:
+        return self.to_images(state.project(patchify(images, self.patch_size)))
+
+    def ablations(self) -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
+        """``identity_projection``: Π and Π⊥ replaced by the identity (sketches still drawn),
+        so the step's time without it shows what the projection itself costs."""
+        return {"identity_projection": self._identity_projection}
+
+    @contextlib.contextmanager
+    def _identity_projection(self) -> Iterator[None]:
+        self.apply_projection = False
+        try:
+            yield
+        finally:
+            self.apply_projection = True
+
+    def micro_benchmarks(self, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+        """Projection + complement at ViT-B/16 token counts: bucket scatter/gather vs. the
+        authors' dense ``(B, N, N)`` matrix product."""
+        from ropim.method.projection_bench import time_projection
+
+        return [
+            {"measurement": "projection_fast_vs_dense", "img_size": size, "patch_size": 16}
+            | time_projection(128, (size // 16) ** 2, 768, self.ratio, device, dtype)
+            for size in (224, 448)
+        ]

@@ -1,0 +1,1 @@
+"""Turns runs into comparisons: planning, reproduction, tidy results, reports, benchmarks."""

@@ -1,0 +1,120 @@
+"""The package layers import one way, checked on the source (function-level imports too)."""
+
+from __future__ import annotations
+
+import ast
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+
+# layer -> the layers it may import (besides itself)
+ALLOWED = {
+    "ropim.harness": set(),
+    "ropim.method": {"ropim.harness"},
+    "baselines": {"ropim.harness"},
+    "downstream": {"ropim.harness"},
+    "ropim.suite": {"ropim.harness", "ropim.method", "baselines", "downstream"},
+    "ropim.cli": {"ropim.harness", "ropim.suite", "downstream"},
+}
+
+
+def _layer(module: str) -> str | None:
+    if module in ("ropim", "ropim.__main__"):  # the package root and `python -m ropim`
+        return "ropim.cli"
+    return next(
+        (layer for layer in ALLOWED if module == layer or module.startswith(layer + ".")), None
+    )
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PROJECT_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def _sources() -> list[Path]:
+    return [
+        p
+        for top in ("ropim", "baselines", "downstream")
+        for p in (PROJECT_ROOT / top).rglob("*.py")
+    ]
+
+
+def test_every_module_imports_only_the_layers_below_it():
+    violations = []
+    for path in _sources():
+        own = _layer(_module_name(path))
+        assert own is not None, f"{path} belongs to no layer; add it to ALLOWED"
+        for name in _imports(path):
+            target = _layer(name)
+            if target is not None and target != own and target not in ALLOWED[own]:
+                violations.append(f"{_module_name(path)} imports {name}")
+    assert not violations, violations
+
+
+def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
+    bad = PROJECT_ROOT / "ropim" / "harness" / "_layer_probe.py"
+    bad.write_text("def f():\n    from ropim.suite.report import write_report\n")
+    try:
+        with pytest.raises(AssertionError, match="ropim.harness._layer_probe imports"):
+            test_every_module_imports_only_the_layers_below_it()
+    finally:
+        bad.unlink()
+
+
+def test_nothing_cites_files_a_clone_does_not_hold():
+    texts = [p.read_text() for p in _sources()]
+    texts += [p.read_text() for p in (PROJECT_ROOT / "configs").glob("*.yaml")]
+    texts += [(PROJECT_ROOT / "README.md").read_text()]
+    texts += [p.read_text() for p in (PROJECT_ROOT / "docs").glob("*.md")]
+    texts += [(PROJECT_ROOT / "ropim" / "suite" / "references.csv").read_text()]
+    for text in texts:
+        assert "spec/" not in text and "../shared" not in text
+
+
+def test_wheel_ships_the_published_references(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    source = tmp_path / "source"  # setuptools builds in the source tree: build a copy
+    for name in ("ropim", "baselines", "downstream"):
+        shutil.copytree(
+            PROJECT_ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PROJECT_ROOT / name, source / name)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "ropim/suite/references.csv" in names
+    assert "baselines/mae.py" in names and "downstream/segmentation/__init__.py" in names
