@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from downstream.pyramid import ViTPyramid, default_out_indices
 from downstream.scenes import (
@@ -28,7 +29,7 @@ from ropim.harness.config import load_config
 from ropim.harness.errors import ConfigError, DataError
 from ropim.harness.pretrain import pretrain
 from ropim.suite.results import read_results
-from tests.conftest import TINY_CONFIG, evaluate, tiny_backbone
+from tests.conftest import TINY_CONFIG, SimulatedCrash, crash_after, evaluate, tiny_backbone
 
 SMALL_SCENES = SceneSpec(canvas=56, train_scenes=6, val_scenes=3, max_digits=3)
 
@@ -182,6 +183,19 @@ def test_tiny_finetune_lowers_the_loss_and_beats_all_background(tmp_path):
     # The finished fine-tune resumes from its last checkpoint: no training, same predictions.
     again = finetune_segmentation(run_dir, segmentation_settings(raw))
     assert again["mIoU"] == pytest.approx(value["mIoU"], abs=1e-6)
+    # Killed after iteration 40 (last checkpoint: 30), then resumed: the very same weights.
+    finished = _segmenter_weights(run_dir)
+    shutil.rmtree(run_dir / "segmentation")
+    with pytest.raises(SimulatedCrash):
+        finetune_segmentation(run_dir, segmentation_settings(raw), [crash_after(40)])
+    resumed = finetune_segmentation(run_dir, segmentation_settings(raw))
+    assert resumed["mIoU"] == again["mIoU"]
+    assert all(torch.equal(finished[k], _segmenter_weights(run_dir)[k]) for k in finished)
+
+
+def _segmenter_weights(run_dir):
+    folder = run_dir / "segmentation" / "checkpoints"
+    return load_file(str(folder / (folder / "latest").read_text() / "model.safetensors"))
 
 
 def test_segmentation_settings_are_checked():
