@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/ropim_mnist.yaml
 
-.PHONY: setup pretrain test lint format clean bench compare bench-pretrain reproduce-table2 report
+.PHONY: setup pretrain test lint format clean bench compare bench-pretrain reproduce-table2 report gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,3 +48,6 @@ reproduce-table2: setup  ## pre-train all methods x seeds, evaluate, write repor
 
 report: setup  ## rebuild reports/table2_$(SCALE).md from results/results.csv (no training)
 	$(BIN)/ropim report --config configs/table2_$(SCALE).yaml
+
+gpu-check: setup  ## on a CUDA machine (minutes): ViT-B/16 step speed per method, exact resume, classification
+	$(BIN)/ropim gpu-check --out results/gpu_check $(ARGS)

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=10)
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("overrides", nargs="*")
+    gpu = sub.add_parser("gpu-check", help="on a CUDA machine: paper-scale step speeds, resume")
+    gpu.add_argument("--out", default="results/gpu_check", help="folder for the JSON and CSV")
+    gpu.add_argument("--steps", type=int, default=20)
     sub.add_parser("tasks", help="list the downstream tasks, their protocols and metrics")
     methods = sub.add_parser("methods", help="list the masking methods that can be selected")
     methods.add_argument("--method-dir", action="append", default=[])
@@ -80,6 +83,18 @@ def main(argv: list[str] | None = None) -> int:
             from ropim.harness.registry import available_methods
 
             print("\n".join(available_methods(args.method_dir)))
+            return 0
+        if args.command == "gpu-check":
+            from ropim.suite.gpu_check import gpu_check
+
+            summary = gpu_check(args.out, args.steps)
+            resume = summary["resume"]
+            gap = resume["max_abs_weight_difference"]
+            print(
+                f"resume on {summary['hardware']['cuda_devices'][0]}: identical weights "
+                f"{resume['identical_weights']}, max difference {gap:.3g}"
+            )
+            print(f"written: {args.out}/gpu_check.json, {args.out}/bench.csv")
             return 0
         if args.command == "tasks":
             from downstream.tasks import all_tasks
