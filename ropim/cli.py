@@ -40,7 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--reports", default="reports")
     rp.add_argument("overrides", nargs="*")
     ev = sub.add_parser("evaluate", help="downstream tasks on pre-trained runs")
-    ev.add_argument("runs", nargs="+", help="run directories (runs/<name> or compare folders)")
+    ev.add_argument("runs", nargs="*", help="pre-training run directories")
+    ev.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        help="an encoder not trained here: local-dir:PATH (a timm folder) or timm:NAME (cached)",
+    )
     ev.add_argument(
         "--task",
         action="append",
@@ -70,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     gpu = sub.add_parser("gpu-check", help="on a CUDA machine: paper-scale step speeds, resume")
     gpu.add_argument("--out", default="results/gpu_check", help="folder for the JSON and CSV")
     gpu.add_argument("--steps", type=int, default=20)
+    ex = sub.add_parser("export", help="a run's encoder as a timm model folder (local-dir:, Hub)")
+    ex.add_argument("run", help="a pre-training run directory")
+    ex.add_argument("out", help="new folder to write")
+    ex.add_argument("--results", default="results/results.csv", help="scores for the model card")
+    cd = sub.add_parser("check-data", help="scan the configured image folder before training")
+    cd.add_argument("--config", "-c", required=True)
+    cd.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    cd.add_argument("overrides", nargs="*")
     sub.add_parser("tasks", help="list the downstream tasks, their protocols and metrics")
     methods = sub.add_parser("methods", help="list the masking methods that can be selected")
     methods.add_argument("--method-dir", action="append", default=[])
@@ -96,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"written: {args.out}/gpu_check.json, {args.out}/bench.csv")
             return 0
+        if args.command == "export":
+            from ropim.suite.export import export_run
+
+            out = export_run(args.run, args.out, args.results)
+            print(f"exported: {out} (timm.create_model('local-dir:{out}', pretrained=True))")
+            return 0
+        if args.command == "check-data":
+            return _check_data(args)
         if args.command == "tasks":
             from downstream.tasks import all_tasks
 
@@ -138,26 +160,73 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        again = "the same command with --resume" if args.command == "pretrain" else "it again"
+        print(
+            f"error: interrupted; checkpoints written so far are kept: run {again} to continue "
+            f"from the newest one",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ropim.harness.config import load_config
+    from ropim.harness.data_check import check_folder, describe
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.data.dataset != "imagefolder":
+        print(f"data.dataset={cfg.data.dataset}: bundled data, nothing to scan")
+        return 0
+    if not cfg.data.root:
+        raise ConfigError("data.root is required for data.dataset=imagefolder")
+    fatal = False
+    for split in dict.fromkeys([cfg.data.split, "val"]):
+        folder = Path(cfg.data.root).expanduser() / split
+        if split == "val" and not folder.is_dir():
+            print(f"{folder}: no validation split (downstream evaluation will need one)")
+            continue
+        report = check_folder(folder, args.workers)
+        print("\n".join(describe(report)))
+        fatal = fatal or report.fatal
+    if fatal:
+        print(
+            "error: the folder holds files or classes that would stop training: fix or remove "
+            "them, or set data.on_bad_image=skip to leave bad files out (recorded per run)",
+            file=sys.stderr,
+        )
+        return 1
+    print("ok: every image decodes")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import yaml
 
     from downstream.tasks import all_tasks, task_named
-    from ropim.harness.config import apply_overrides
+    from ropim.harness.config import apply_overrides, read_yaml
     from ropim.suite.evaluate import evaluate_run
 
-    raw = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    raw = read_yaml(args.config) if args.config else {}
     raw = apply_overrides(raw or {}, args.overrides)
+    if not args.runs and not args.weights:
+        raise ConfigError("name run directories or --weights local-dir:PATH|timm:NAME to evaluate")
+    if args.weights and not args.config:
+        raise ConfigError("--weights needs --config: its data section says what to evaluate on")
+    run_dirs = list(args.runs)
+    if args.weights:
+        from ropim.suite.external import import_weights
+
+        output_dir = (raw.get("run") or {}).get("output_dir", "runs")
+        run_dirs += [import_weights(spec, raw, output_dir) for spec in args.weights]
     names = args.task or [t.name for t in all_tasks() if t.always]
     tasks = [task_named(name) for name in names]
     for task in tasks:
         settings = task.parse_settings(raw)
         headlines = {(c.protocol, c.metric) for c in task.headlines}
-        for run_dir in args.runs:
+        for run_dir in run_dirs:
             for row in evaluate_run(task, run_dir, settings, args.results):
                 if (row["protocol"], row["metric"]) in headlines:
                     print(

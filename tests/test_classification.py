@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from downstream.classification.knn import knn_predict
 from downstream.classification.settings import classification_settings
 from downstream.encoder import load_pretrained_encoder
 from ropim.harness.config import load_config
 from ropim.harness.errors import CheckpointError, ConfigError
+from ropim.harness.knn import knn_predict
 from ropim.harness.pretrain import pretrain
 from ropim.suite.results import RESULT_COLUMNS, append_results, read_results
 from tests.conftest import TINY_CONFIG, SimulatedCrash, crash_after, evaluate
@@ -57,7 +57,7 @@ def test_each_protocol_beats_chance_after_a_tiny_pretrain(tmp_path):
     # Chance is 10% (10 balanced classes); 20% on 256 images is more than 5 sigma above it.
     assert all(value > 0.2 for value in top1.values()), top1
     table = read_results(results)
-    assert list(table.columns) == RESULT_COLUMNS and len(table) == 6
+    assert list(table.columns) == RESULT_COLUMNS and len(table) == 7  # + finetune best epoch
     assert set(table["method"]) == {"ropim"} and set(table["seed"]) == {0}
     assert (table["pretrain_images_per_s"] > 0).all()
     assert (run_dir / "classification.json").is_file()
@@ -175,3 +175,43 @@ def test_randaugment_at_magnitude_ten_posterizes_to_black_instead_of_failing():
     assert op(image).getextrema() == ((0, 0), (0, 0), (0, 0))
     op.magnitude = 5
     assert op(image).getextrema() != ((0, 0), (0, 0), (0, 0))
+
+
+def _mae_lars_reference(params, grads_per_step, lr, momentum=0.9, trust=0.001):
+    """MAE's update rule written out (util/lars.py): trust ratio on >= 2-D tensors, momentum."""
+    params = [p.clone() for p in params]
+    buffers = [torch.zeros_like(p) for p in params]
+    for grads in grads_per_step:
+        for p, g, mu in zip(params, grads, buffers, strict=True):
+            step = g
+            if p.ndim > 1:
+                w_norm, g_norm = p.norm(), g.norm()
+                if w_norm > 0 and g_norm > 0:
+                    step = g * (trust * w_norm / g_norm)
+            mu.mul_(momentum).add_(step)
+            p.add_(mu, alpha=-lr)
+    return params
+
+
+def test_lars_is_maes_rule_with_momentum_and_trust_ratio():
+    from downstream.classification.linear_probe import mae_lars
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 3)
+    start = [p.detach().clone() for p in layer.parameters()]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    optimizer = mae_lars(layer, lr=0.5)
+    for step_grads in grads:
+        for p, g in zip(layer.parameters(), step_grads, strict=True):
+            p.grad = g.clone()
+        optimizer.step()
+    expected = _mae_lars_reference(start, grads, lr=0.5)
+    for got, want in zip(layer.parameters(), expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+    # Both parts are visible: plain SGD (no trust ratio) and no-momentum LARS land elsewhere.
+    sgd = [p - 0.5 * sum(g[i] for g in grads) for i, p in enumerate(start)]
+    no_momentum = _mae_lars_reference(start, grads, lr=0.5, momentum=0.0)
+    weight = layer.weight.detach()
+    assert not torch.allclose(weight, sgd[0], atol=1e-3)
+    assert not torch.allclose(weight, no_momentum[0], atol=1e-6)
+    assert not torch.allclose(layer.bias.detach(), no_momentum[1], atol=1e-6)

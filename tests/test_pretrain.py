@@ -155,3 +155,14 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     missing = run("data.dataset=imagefolder", f"data.root={tmp_path}/none")
     assert "dataset folder not found" in missing
     assert "unknown method name 'nosuch'" in run("method.name=nosuch")
+
+
+def test_knn_monitor_writes_a_learning_curve_and_leaves_the_weights_alone(tmp_path):
+    plain = pretrain(load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}", "run.name=a"]))
+    overrides = [f"run.output_dir={tmp_path}", "run.name=b", "probe.knn_every=0.5", "probe.knn_k=5"]
+    monitored = pretrain(load_config(TINY_CONFIG, overrides))
+    rows = list(csv.DictReader((monitored / "evaluations.csv").open()))
+    assert [int(r["step"]) for r in rows] == [4, 8]
+    assert all(0.0 <= float(r["knn_avg"]) <= 1.0 and float(r["train_seconds"]) > 0 for r in rows)
+    a, b = _final_weights(plain), _final_weights(monitored)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -19,20 +19,28 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
     path = reproduce(TINY, [f"run.output_dir={tmp_path}/runs"], results, reports)
     rows = read_results(results)
     top1 = rows[rows["metric"] == "top1"]
-    assert len(top1) == 3 * 2 * 3  # methods x seeds x protocols
-    assert set(top1["method"]) == {"ropim", "mae", "simmim"}
+    assert len(top1) == 4 * 2 * 3  # (methods + random init) x seeds x protocols
+    assert set(top1["method"]) == {"ropim", "mae", "simmim", "random_init"}
+    floor = read_results(results)
+    floor = floor[(floor["method"] == "random_init") & (floor["task"] == "classification")]
+    assert (floor["epochs_completed"] == 0).all() and (floor["pretrain_seconds"] == 0).all()
     assert set(top1["run_id"].str.split("/").str[0]) == {"table2_tiny"}
     miou = rows[rows["metric"] == "mIoU"]
-    assert len(miou) == 3 * 2 and set(miou["task"]) == {"segmentation"}
+    assert len(miou) == 4 * 2 and set(miou["task"]) == {"segmentation"}
     assert miou["value"].between(0, 1).all()
     ap = rows[rows["metric"].isin(["box_AP", "mask_AP"])]
-    assert len(ap) == 3 * 2 * 2 and set(ap["task"]) == {"detection"}
+    assert len(ap) == 4 * 2 * 2 and set(ap["task"]) == {"detection"}
     text = path.read_text()
     assert path.name == "table2_tiny.md" and "± " in text and "(n=2)" in text
-    for name in ("table2_tiny.csv", "table2_tiny_accuracy_vs_time.png", "table2_tiny_bars.png"):
+    assert "Paired per-seed differences" in text and "mae − ropim" in text
+    assert "ropim − random_init" in text and "the floor each method must beat" in text
+    assert "Learning curves" in text
+    figures = ["table2_tiny_accuracy_vs_time.png", "table2_tiny_bars.png"]
+    figures += ["table2_tiny_learning_curves.png", "table2_tiny_paired.csv"]
+    for name in ("table2_tiny.csv", *figures):
         assert (reports / name).stat().st_size > 0
     table = pd.read_csv(reports / "table2_tiny.csv", index_col="method")
-    assert list(table.index) == ["ropim", "mae", "simmim"]
+    assert list(table.index) == ["ropim", "mae", "simmim", "random_init"]
     assert table.loc["mae", "published finetune (ViT-B/16, IN-1k)"] == 83.6
     assert pd.isna(table.loc["ropim", "published finetune (ViT-B/16, IN-1k)"])  # no source
     assert "(n=2)" in table.loc["ropim", "UperNet mIoU (%)"]

@@ -3,6 +3,7 @@ decay, drop path, mixup/cutmix, RandAugment, random erasing and label smoothing.
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,24 @@ def finetune_accuracy(
                 images, labels = mixup(images, labels)
         return criterion(net(images), labels), {}
 
+    val_loader = fabric.setup_dataloaders(
+        DataLoader(val_set, batch_size=256, num_workers=ft.num_workers)
+    )
+
+    def evaluate(net: nn.Module, step: int) -> dict[str, float]:
+        """Top-1 on the val split after every epoch (and the last step), as the official
+        scripts do; their reported number is the best epoch, ours both best and last."""
+        correct = torch.zeros((), device=fabric.device)
+        seen = torch.zeros((), device=fabric.device)
+        for images, labels in val_loader:
+            correct += (net(images).argmax(dim=1) == labels).sum()
+            seen += len(labels)
+        correct, seen = fabric.all_reduce(correct, "sum"), fabric.all_reduce(seen, "sum")
+        return {"epoch": round(step / per_epoch, 4), "top1": float(correct / seen)}
+
+    hooks = Hooks(
+        loss=step_loss, evaluate=evaluate, evaluate_every=per_epoch, after_step=after_step
+    )
     trained = train_loop(
         fabric,
         model,
@@ -150,25 +169,21 @@ def finetune_accuracy(
         scheduler,
         train_set,
         plan,
-        Hooks(loss=step_loss, after_step=after_step),
+        hooks,
         out_dir,
         signature=backbone_signature(backbone)
         | {"task": "classification", "num_classes": str(num_classes)},
         fingerprint=fingerprint,
     )
-    val_loader = fabric.setup_dataloaders(
-        DataLoader(val_set, batch_size=256, num_workers=ft.num_workers)
-    )
-    net = trained.model
-    correct = torch.zeros((), device=fabric.device)
-    seen = torch.zeros((), device=fabric.device)
-    with torch.no_grad():
-        for images, labels in val_loader:
-            correct += (net(images).argmax(dim=1) == labels).sum()
-            seen += len(labels)
-    correct, seen = fabric.all_reduce(correct, "sum"), fabric.all_reduce(seen, "sum")
+    fabric.barrier()
+    with (out_dir / "evaluations.csv").open(newline="") as handle:
+        epochs = [(float(r["epoch"]), float(r["top1"])) for r in csv.DictReader(handle)]
+    best_epoch, best = max(epochs, key=lambda pair: pair[1])
     return {
-        "top1": float(correct / seen),
+        "top1": epochs[-1][1],
+        "top1_best": best,
+        "best_epoch": best_epoch,
+        "per_epoch_top1": epochs,
         "steps": trained.progress.step,
         "total_batch": batch * world,
         "train_seconds": trained.progress.train_time_s,

@@ -15,6 +15,30 @@ from torch import Tensor, nn
 from ropim.harness.optim import build_scheduler
 
 
+def mae_lars(model: nn.Module, lr: float, weight_decay: float = 0.0) -> Lars:
+    """MAE's LARS (facebookresearch/mae ``util/lars.py:18-47``) from timm's ``Lars``: momentum
+    0.9, trust ratio ``0.001·‖w‖/‖g‖`` on every parameter with two or more dimensions, plain
+    momentum SGD for biases and norms. timm's defaults (no momentum; the trust ratio only when
+    weight decay is non-zero) make it plain SGD at weight decay 0, which is how MAE probes.
+
+    With weight decay, timm divides by ``‖g‖ + wd·‖w‖`` where MAE divides by ``‖g + wd·w‖``,
+    and timm also decays the 1-D parameters; MAE's probe uses weight decay 0, where both agree.
+    """
+    matrices = [p for p in model.parameters() if p.ndim > 1]
+    vectors = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": matrices, "always_adapt": True},
+        {"params": vectors, "always_adapt": False, "weight_decay": 0.0},
+    ]
+    return Lars(
+        [g for g in groups if g["params"]],
+        lr=lr,
+        momentum=0.9,
+        weight_decay=weight_decay,
+        trust_coeff=0.001,
+    )
+
+
 def linear_probe_accuracy(
     train_features: Tensor,
     train_labels: Tensor,
@@ -39,7 +63,7 @@ def linear_probe_accuracy(
     nn.init.zeros_(head[1].bias)
     lr = base_lr * batch_size / lr_batch_divisor
     if optimizer == "lars":
-        opt: torch.optim.Optimizer = Lars(head.parameters(), lr=lr, weight_decay=weight_decay)
+        opt: torch.optim.Optimizer = mae_lars(head, lr, weight_decay)
     elif optimizer == "sgd":
         opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     else:

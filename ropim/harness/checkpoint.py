@@ -7,7 +7,9 @@ newest complete one. A crash mid-write leaves the previous checkpoint and ``late
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,10 @@ def load_weights(
     return metadata
 
 
+def _complete(path: Path) -> bool:
+    return (path / WEIGHTS_FILE).is_file() and (path / STATE_FILE).is_file()
+
+
 class CheckpointDir:
     """The checkpoints of one run."""
 
@@ -112,16 +118,27 @@ class CheckpointDir:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = max(1, keep)
 
-    def latest(self) -> Path | None:
+    def _latest_name(self) -> str | None:
         pointer = self.root / "latest"
-        if not pointer.is_file():
+        return pointer.read_text().strip() if pointer.is_file() else None
+
+    def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names; if that one is gone or incomplete (deleted by hand
+        after a bad write), the newest complete ``step_*`` folder, said on stderr."""
+        name = self._latest_name()
+        if name is None:
             return None
-        path = self.root / pointer.read_text().strip()
-        if not (path / WEIGHTS_FILE).is_file() or not (path / STATE_FILE).is_file():
+        named = self.root / name
+        if _complete(named):
+            return named
+        complete = [p for p in sorted(self.root.glob("step_*")) if _complete(p)]
+        if not complete:
             raise CheckpointError(
-                f"{pointer} names {path}, which is incomplete; delete {pointer} to restart"
+                f"{self.root / 'latest'} names {named}, which is incomplete, and no complete "
+                f"checkpoint is left; delete {self.root} to start afresh"
             )
-        return path
+        print(f"{named} is missing or incomplete; using {complete[-1].name}", file=sys.stderr)
+        return complete[-1]
 
     def save(
         self,
@@ -134,13 +151,22 @@ class CheckpointDir:
         """Write ``step_<n>`` (rank 0 writes weights; Fabric writes the training state)."""
         final = self.root / f"step_{step:08d}"
         staging = self.root / f".staging_step_{step:08d}"
-        if fabric.global_rank == 0:
+        try:
+            if fabric.global_rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+                save_weights(module, staging / WEIGHTS_FILE, metadata | {"step": str(step)})
+            fabric.barrier()
+            fabric.save(staging / STATE_FILE, state)
+            fabric.barrier()
+        except OSError as exc:  # a full disk, a lost mount: the previous checkpoint stays
             shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            save_weights(module, staging / WEIGHTS_FILE, metadata | {"step": str(step)})
-        fabric.barrier()
-        fabric.save(staging / STATE_FILE, state)
-        fabric.barrier()
+            kept = self._latest_name() or "none yet"
+            raise CheckpointError(
+                f"could not write the checkpoint of step {step} to {staging.parent} "
+                f"({exc.strerror or exc}); the previous one ({kept}) is intact: free space "
+                f"or fix the folder, then resume"
+            ) from None
         if fabric.global_rank == 0:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
@@ -166,4 +192,12 @@ class CheckpointDir:
     ) -> dict:
         """Restore weights into ``module`` and the training state in place; returns leftovers."""
         load_weights(module, path / WEIGHTS_FILE, signature)
-        return fabric.load(path / STATE_FILE, state, weights_only=True)
+        try:
+            return fabric.load(path / STATE_FILE, state, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{path / STATE_FILE} is not a training state written by this suite (refused "
+                f"without unpickling anything: {first[:160]}); delete {path} to resume from "
+                f"the newest checkpoint before it, or start a new run"
+            ) from None

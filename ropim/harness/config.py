@@ -45,6 +45,7 @@ class DataSection:
     mean: list[float] | None = None  # None: the dataset's own statistics
     std: list[float] | None = None
     num_workers: int = 0
+    on_bad_image: str = "error"  # or "skip": leave unreadable files out, each one recorded
 
 
 @dataclass
@@ -71,6 +72,9 @@ class TrainSection:
 class ProbeSection:
     enabled: bool = False  # logistic-regression probe vs. random init after pre-training
     max_iter: int = 2000
+    knn_every: float = 0  # epochs between k-NN monitors during pre-training (0: off)
+    knn_k: int = 20
+    knn_train_images: int = 10_000  # a fixed subset of the train split as the k-NN bank
 
 
 @dataclass
@@ -183,18 +187,30 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; a missing file or a syntax error is one line naming the
+    file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"{path}{where} is not valid YAML: {problem}; fix the file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; pass a YAML config") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
     raw = apply_overrides(raw, list(overrides or []))
     return load_config_dict(raw, str(path) if path is not None else "overrides")
 
@@ -202,9 +218,47 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def load_config_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Validate a raw mapping; ``source`` says where it came from in error messages."""
     try:
-        return build_section(Config, raw, "")
+        config = build_section(Config, raw, "")
+        check_values(config)
+        return config
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def check_values(config: Config) -> None:
+    """Values of the right type that still cannot work (a zero batch, a negative rate)."""
+    train = config.train
+    if config.data.on_bad_image not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_image={config.data.on_bad_image!r} must be error or skip")
+    positive = {
+        "train.epochs": train.epochs,
+        "train.batch_size": train.batch_size,
+        "train.log_every": train.log_every,
+        "train.checkpoint_every": train.checkpoint_every,
+        "train.keep_checkpoints": train.keep_checkpoints,
+        "train.base_lr": train.base_lr,
+        "train.lr_batch_divisor": train.lr_batch_divisor,
+        "train.time_budget_s": train.time_budget_s,
+        "model.img_size": config.model.img_size,
+        "model.patch_size": config.model.patch_size,
+        "model.in_chans": config.model.in_chans,
+    }
+    for key, value in positive.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    at_least_zero = {
+        "train.min_lr": train.min_lr,
+        "train.warmup_epochs": train.warmup_epochs,
+        "train.weight_decay": train.weight_decay,
+        "train.clip_grad": train.clip_grad,
+        "model.drop_path": config.model.drop_path,
+        "data.num_workers": config.data.num_workers,
+        "train.reconstruction_images": train.reconstruction_images,
+        "probe.knn_every": config.probe.knn_every,
+    }
+    for key, value in at_least_zero.items():
+        if value is not None and value < 0:
+            raise ConfigError(f"{key}={value} must be zero or more")
 
 
 def save_config(config: Config, path: str | Path) -> None:

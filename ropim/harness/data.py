@@ -86,7 +86,7 @@ def _read_image(path: str) -> Image.Image:
 class ImageFolderImages(Dataset):
     """``<root>/<split>/<class>/*.jpg`` (the ImageNet layout); names the folder or file at fault."""
 
-    def __init__(self, root: str | None, split: str = "train") -> None:
+    def __init__(self, root: str | None, split: str = "train", skip_bad: bool = False) -> None:
         if not root:
             raise ConfigError("data.root is required for data.dataset=imagefolder")
         folder = Path(root).expanduser() / split
@@ -100,12 +100,32 @@ class ImageFolderImages(Dataset):
         except FileNotFoundError as exc:
             raise DataError(f"dataset folder {folder} holds no images: {exc}") from None
         self.classes = self.inner.classes
+        self.skipped: list[str] = []
+        if skip_bad:  # data.on_bad_image: skip — leave them out up front, each one recorded
+            self.skipped = _bad_images(str(folder))
+            bad = set(self.skipped)
+            self.inner.samples = [s for s in self.inner.samples if s[0] not in bad]
+            self.inner.imgs = self.inner.samples
+            self.inner.targets = [target for _, target in self.inner.samples]
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return self.inner[index]
+
+
+@functools.lru_cache(maxsize=8)
+def _bad_images(folder: str) -> list[str]:
+    from ropim.harness.data_check import check_folder
+
+    return sorted(status.path for status in check_folder(folder).bad)
+
+
+def skipped_images(dataset: Dataset) -> list[str]:
+    """Files left out by ``data.on_bad_image: skip`` (none for other datasets)."""
+    inner = getattr(dataset, "dataset", dataset)  # a Subset when data.limit is set
+    return list(getattr(inner, "skipped", []))
 
 
 def dataset_stats(cfg: DataSection) -> tuple[Sequence[float], Sequence[float]]:
@@ -122,7 +142,7 @@ def load_images(cfg: DataSection, split: str | None = None) -> Dataset:
     if cfg.dataset == "mnist":
         dataset: Dataset = MnistDigits(split, cfg.val_fraction)
     elif cfg.dataset == "imagefolder":
-        dataset = ImageFolderImages(cfg.root, split)
+        dataset = ImageFolderImages(cfg.root, split, skip_bad=cfg.on_bad_image == "skip")
     else:
         raise ConfigError(f"unknown data.dataset={cfg.dataset!r}; choose one of {DATASETS}")
     if len(dataset) == 0:

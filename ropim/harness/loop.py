@@ -270,7 +270,14 @@ def train_loop(
                     scores = hooks.evaluate(model, progress.step)  # type: ignore[misc]
                 model.train()
                 if rank == 0:
-                    evaluations.append({"step": progress.step} | scores)
+                    evaluations.append(
+                        {
+                            "step": progress.step,
+                            "epoch": round(progress.step / per_epoch, 4),
+                            "train_seconds": round(running_time(), 3),
+                        }
+                        | scores
+                    )
                 window_start += time.perf_counter() - pause  # evaluation is not training
             if progress.step % plan.checkpoint_every == 0 or last:
                 pause = time.perf_counter()

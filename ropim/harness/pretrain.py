@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from lightning_fabric import Fabric
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from ropim.harness.checkpoint import CheckpointDir
 from ropim.harness.config import Config, save_config
@@ -26,12 +27,14 @@ from ropim.harness.data import (
     eval_transform,
     load_images,
     pretrain_transform,
+    skipped_images,
 )
 from ropim.harness.errors import ConfigError
+from ropim.harness.knn import knn_accuracy
 from ropim.harness.loop import Hooks, LoopPlan, StepLoss, plan_steps, train_loop
 from ropim.harness.methods import MaskingMethod
 from ropim.harness.optim import OptimSettings, build_optimizer, build_scheduler, resolve
-from ropim.harness.probe import probe_accuracy
+from ropim.harness.probe import extract_features, probe_accuracy
 from ropim.harness.records import code_version, hardware, library_versions, write_json
 from ropim.harness.registry import build_method
 from ropim.harness.runtime import (
@@ -97,6 +100,12 @@ def pretrain(
         pretrain_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans),
         cfg.run.seed,
     )
+    skipped = skipped_images(views.images)
+    if skipped:
+        fabric.print(
+            f"data.on_bad_image=skip: left out {len(skipped)} unreadable image(s), e.g. "
+            f"{skipped[0]} (all listed in run.json)"
+        )
     train_cfg = cfg.train
     plan = LoopPlan(
         steps=None,
@@ -125,7 +134,13 @@ def pretrain(
         "recipe": method.recipe.as_dict(),
         "optim": settings.as_dict(),
         "architecture": signature,
-        "dataset": {"name": cfg.data.dataset, "root": cfg.data.root, "images": len(views)},
+        "dataset": {
+            "name": cfg.data.dataset,
+            "root": cfg.data.root,
+            "images": len(views),
+            "skipped_images": skipped,
+            "skipped_count": len(skipped),
+        },
         "world_size": world,
         "precision": resolve_device(train_cfg.accelerator, train_cfg.precision)[1],
         "device": str(fabric.device),
@@ -142,7 +157,13 @@ def pretrain(
         write_json(run_dir / "run.json", record)
     fabric.barrier()
 
-    hooks = Hooks(loss=setup.step_loss(cfg.run.seed), after_step=after_step)
+    monitor_every = round(cfg.probe.knn_every * per_epoch)
+    hooks = Hooks(
+        loss=setup.step_loss(cfg.run.seed),
+        evaluate=knn_monitor(cfg, method, fabric.device) if monitor_every else None,
+        evaluate_every=monitor_every,
+        after_step=after_step,
+    )
     result = train_loop(
         fabric,
         method,
@@ -184,6 +205,38 @@ def pretrain(
         )
     fabric.barrier()
     return run_dir
+
+
+def knn_monitor(cfg: Config, method: MaskingMethod, device: torch.device):
+    """k-NN top-1 of the encoder's features on the val split against a fixed subset of the
+    train split (evaluation views): the learning curve of a pre-training run, written to
+    ``evaluations.csv`` every ``probe.knn_every`` epochs. Draws no randomness, so the run's
+    weights are the same with or without it."""
+    transform = eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans)
+    train_images = load_images(cfg.data, "train")
+    if len(train_images) > cfg.probe.knn_train_images:
+        keep = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))
+        train_images = Subset(train_images, keep[: cfg.probe.knn_train_images].sort().values)
+    train_set = SeededViews(train_images, transform, cfg.run.seed)
+    val_set = SeededViews(load_images(cfg.data, "val"), transform, cfg.run.seed)
+
+    def evaluate(model: nn.Module, step: int) -> dict[str, float]:
+        train_x, train_y = extract_features(method.backbone, train_set, device)
+        val_x, val_y = extract_features(method.backbone, val_set, device)
+        classes = int(max(train_y.max(), val_y.max())) + 1
+        scores = {}
+        for kind in train_x:
+            scores[f"knn_{kind}"] = knn_accuracy(
+                torch.from_numpy(train_x[kind]).to(device),
+                torch.from_numpy(train_y).to(device),
+                torch.from_numpy(val_x[kind]).to(device),
+                torch.from_numpy(val_y).to(device),
+                classes,
+                cfg.probe.knn_k,
+            )
+        return scores
+
+    return evaluate
 
 
 def _write_reconstructions(

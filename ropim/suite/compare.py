@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from downstream.tasks import all_tasks
-from ropim.harness.config import Config, apply_overrides, load_config_dict
+from ropim.harness.config import Config, apply_overrides, load_config_dict, read_yaml
+from ropim.harness.encoder_run import write_encoder_run
 from ropim.harness.errors import ConfigError
 from ropim.harness.pretrain import pretrain
+from ropim.harness.runtime import build_encoder
 
 # What every run of a comparison must share; each method owns everything else.
 BUDGET_KEYS = (
@@ -31,7 +31,8 @@ BUDGET_KEYS = (
     "train.precision",
     "train.accelerator",
 )
-COMPARE_KEYS = {"name", "scale", "seeds", "methods"}
+COMPARE_KEYS = {"name", "scale", "seeds", "methods", "random_init"}
+RANDOM_INIT = "random_init"  # the floor row: the shared encoder at its seeded initialisation
 # The optimiser values a method may set for itself (its published recipe).
 RECIPE_KEYS = {
     "base_lr",
@@ -84,7 +85,7 @@ def check_run_dirs(run_dirs: list[Path]) -> None:
     """Budget parity of finished runs, read from their saved ``config.yaml``."""
     configs = {}
     for run_dir in run_dirs:
-        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+        raw = read_yaml(run_dir / "config.yaml")
         configs[run_dir.name] = load_config_dict(raw, f"{run_dir}/config.yaml")
     check_budget_parity(configs)
     seeds: dict[str, set[int]] = {}
@@ -99,6 +100,7 @@ class PlannedRun:
     method: str
     seed: int
     config: Config
+    pretrained: bool = True  # False: the random-initialisation floor, evaluated untrained
 
     @property
     def label(self) -> str:
@@ -109,9 +111,9 @@ def plan_comparison(
     path: str | Path, overrides: list[str] | None = None, methods: list[str] | None = None
 ) -> list[PlannedRun]:
     """Expand a comparison config into one config per (method, seed), budget-checked."""
-    raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
-    if raw is None:
-        raise ConfigError(f"comparison config not found or empty: {path}")
+    raw = read_yaml(path)
+    if not raw:
+        raise ConfigError(f"comparison config {path} is empty")
     raw = apply_overrides(raw, list(overrides or []))
     section = raw.pop("compare", None)
     for task in all_tasks():  # task sections: read after pre-training, not by it
@@ -154,6 +156,16 @@ def plan_comparison(
             run_raw["run"]["output_dir"] = str(output)
             config = load_config_dict(run_raw, f"{path} ({method}, seed {seed})")
             planned.append(PlannedRun(method, seed, config))
+    if section.get("random_init") and not methods:
+        for seed in seeds:  # the same encoder every method starts from, with no pre-training
+            run_raw = copy.deepcopy(raw)
+            run_raw["method"] = {"name": RANDOM_INIT}
+            run_raw.setdefault("run", {}).update(seed=seed, name=f"{RANDOM_INIT}_seed{seed}")
+            run_raw["run"]["output_dir"] = str(
+                Path(raw.get("run", {}).get("output_dir", "runs")) / name
+            )
+            config = load_config_dict(run_raw, f"{path} (random init, seed {seed})")
+            planned.append(PlannedRun(RANDOM_INIT, seed, config, pretrained=False))
     check_budget_parity({p.label: p.config for p in planned})
     return planned
 
@@ -169,6 +181,10 @@ def run_comparison(planned: list[PlannedRun], method_dirs: tuple = ()) -> list[P
             done.append(run_dir)
             continue
         print(f"[{index}/{len(planned)}] {run.label}", flush=True)
+        if not run.pretrained:
+            record = {"method": {"name": run.method}, "recipe": {}, "optim": {}}
+            done.append(write_encoder_run(run.config, build_encoder(run.config), record))
+            continue
         done.append(pretrain(run.config, resume=True, method_dirs=method_dirs))
     return done
 

@@ -19,6 +19,9 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from ropim.harness.tasks import TaskSpec  # noqa: E402
+from ropim.suite.stats import paired_table, summary_sentences  # noqa: E402
+
+RANDOM_INIT = "random_init"  # the floor row a comparison may carry (compare.random_init)
 
 REFERENCES = resources.files("ropim.suite") / "references.csv"  # package data
 
@@ -149,6 +152,7 @@ def write_report(
     out_dir: str | Path,
     scale: str,
     header: str = "",
+    curves: pd.DataFrame | None = None,
 ) -> Path:
     """``table2_<scale>.md`` and ``.csv`` plus two figures; returns the markdown path."""
     out_dir = Path(out_dir)
@@ -162,6 +166,16 @@ def write_report(
     if header:
         lines += [header, ""]
     lines += [table.to_markdown(), ""]
+    lines += _paired_section(
+        rows, methods, list(dict.fromkeys(rows["measure"])) if len(rows) else [], out_dir, scale
+    )
+    if RANDOM_INIT in methods:
+        lines += [
+            "`random_init` is the same encoder at its seeded initialisation, evaluated with no "
+            "pre-training through every protocol with the same seeds: the floor each method "
+            "must beat for its pre-training to count.",
+            "",
+        ]
     for sentence in floor_sentences(results, comparison, tasks):
         lines += [sentence, ""]
     if references is not None:
@@ -177,10 +191,69 @@ def write_report(
             if r.task in measured_tasks
         ]
         lines.append("")
+    if curves is not None and len(curves):
+        figures.append(_learning_curves(curves, out_dir, scale))
+        lines += [
+            "Learning curves: k-NN top-1 on the validation split during pre-training (probe."
+            "knn_every), one line per seed, against epochs and against training seconds.",
+            "",
+        ]
     lines += [f"![{name}]({name})" for name in figures]
     path = out_dir / f"table2_{scale}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _paired_section(
+    rows: pd.DataFrame, methods: list[str], measures: list[str], out_dir: Path, scale: str
+) -> list[str]:
+    """Per-seed paired differences against the first method (ROPIM in the presets) and, when
+    the comparison has it, the random-initialisation floor, with 95% Student-t intervals; the
+    sentences claim only what the intervals support."""
+    references = [*methods[:1], *[m for m in methods[1:] if m == RANDOM_INIT]]
+    table, differences = paired_table(rows, methods, references, measures)
+    if not differences:
+        return []
+    table.to_csv(out_dir / f"table2_{scale}_paired.csv")
+    return [
+        f"Paired per-seed differences (points; mean [95% CI, Student t over the seeds both "
+        f"have]) against {', '.join(references)}; a verdict needs the interval to exclude 0:",
+        "",
+        table.to_markdown(),
+        "",
+        *summary_sentences(differences),
+        "",
+    ]
+
+
+def _learning_curves(curves: pd.DataFrame, out_dir: Path, scale: str) -> str:
+    """k-NN monitor against epochs and against seconds, per method and seed."""
+    metric = "knn_avg" if "knn_avg" in curves else "knn_cls"
+    long = pd.concat(
+        [
+            curves.assign(axis="pre-training epochs", x=curves["epoch"]),
+            curves.assign(axis="pre-training seconds", x=curves["train_seconds"]),
+        ]
+    ).assign(value=lambda f: f[metric] * 100)
+    grid = sns.relplot(
+        data=long,
+        x="x",
+        y="value",
+        hue="method",
+        units="seed",
+        estimator=None,
+        col="axis",
+        kind="line",
+        marker="o",
+        height=3.2,
+        facet_kws={"sharex": False},
+    )
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels("", f"k-NN top-1 (%, {metric.removeprefix('knn_')} features)")
+    name = f"table2_{scale}_learning_curves.png"
+    grid.savefig(out_dir / name, dpi=110)
+    plt.close(grid.figure)
+    return name
 
 
 def _figures(rows: pd.DataFrame, out_dir: Path, scale: str) -> list[str]:

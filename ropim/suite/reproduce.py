@@ -14,10 +14,10 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
+import pandas as pd
 
 from downstream.tasks import all_tasks, configured_tasks
-from ropim.harness.config import apply_overrides
+from ropim.harness.config import apply_overrides, read_yaml
 from ropim.harness.records import code_version
 from ropim.suite.compare import plan_comparison, run_comparison
 from ropim.suite.evaluate import evaluate_run
@@ -32,7 +32,7 @@ def reproduce(
     reports_dir: str | Path = "reports",
     method_dirs: tuple = (),
 ) -> Path:
-    raw = apply_overrides(yaml.safe_load(Path(config_path).read_text()), list(overrides or []))
+    raw = apply_overrides(read_yaml(config_path), list(overrides or []))
     tasks = [(task, task.parse_settings(raw)) for task in configured_tasks(raw)]
     planned = plan_comparison(config_path, overrides)
     run_dirs = run_comparison(planned, method_dirs)
@@ -57,9 +57,9 @@ def make_report(
     reports_dir: str | Path = "reports",
 ) -> Path:
     """Table and figures of one comparison from the rows collected so far."""
-    raw = apply_overrides(yaml.safe_load(Path(config_path).read_text()), list(overrides or []))
+    raw = apply_overrides(read_yaml(config_path), list(overrides or []))
+    planned = plan_comparison(config_path, overrides)  # checks the compare section
     section = raw["compare"]
-    planned = plan_comparison(config_path, overrides)
     methods = list(dict.fromkeys(p.method for p in planned))
     seeds = sorted({p.seed for p in planned})
     command = " ".join(shlex.quote(a) for a in sys.argv) or "reproduce()"
@@ -69,6 +69,7 @@ def make_report(
         f"Same backbone, data, augmentation, batch and epochs for every method; each keeps its "
         f"own masking, loss and optimiser recipe (see each run's run.json)."
     )
+    curves = learning_curves(planned)
     path = write_report(
         read_results(results_path),
         all_tasks(),
@@ -78,6 +79,17 @@ def make_report(
         reports_dir,
         section.get("scale") or Path(config_path).stem,
         header,
+        curves,
     )
     print(f"report: {path}")
     return path
+
+
+def learning_curves(planned: list) -> pd.DataFrame:
+    """Every planned run's ``evaluations.csv`` (the k-NN monitor), with method and seed."""
+    frames = []
+    for run in planned:
+        path = Path(run.config.run.output_dir) / run.config.run.name / "evaluations.csv"
+        if path.is_file():
+            frames.append(pd.read_csv(path).assign(method=run.method, seed=run.seed))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

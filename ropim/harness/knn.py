@@ -1,4 +1,6 @@
-"""Weighted k-NN on frozen features (DINO's monitor): cosine similarity, votes exp(sim/T)."""
+"""Weighted k-NN on frozen features (DINO's monitor): cosine similarity, votes exp(sim/T).
+
+Shared by the k-NN protocol of the classification task and the monitor during pre-training."""
 
 from __future__ import annotations
 

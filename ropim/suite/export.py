@@ -1,0 +1,101 @@
+"""``ropim export RUN OUT``: a run's encoder as a timm model folder, ready for the Hub.
+
+The folder holds what ``timm.create_model("local-dir:OUT", pretrained=True)`` loads —
+``config.json`` (architecture, model arguments, a ``pretrained_cfg`` with input size,
+mean/std, interpolation and crop) and ``model.safetensors`` with timm's key names — written by
+timm's own ``save_for_hf``, plus a ``README.md`` model card: method, budget, seed, the run's
+downstream scores from the results CSV, the recipe with its sources, the code version.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from timm.models import save_for_hf
+
+from downstream.encoder import load_pretrained_encoder, pretrained_checkpoint
+from ropim.harness.data import dataset_stats
+from ropim.harness.errors import ConfigError
+from ropim.suite.results import read_results
+
+
+def export_run(
+    run_dir: str | Path, out_dir: str | Path, results_path: str | Path = "results/results.csv"
+) -> Path:
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose a new folder for the export")
+    backbone, cfg = load_pretrained_encoder(run_dir)
+    mean, std = dataset_stats(cfg.data)
+    chans = cfg.model.in_chans
+    size = cfg.model.img_size
+    data_config = {
+        "input_size": (chans, size, size),
+        "mean": tuple(mean)[:chans],
+        "std": tuple(std)[:chans],
+        "interpolation": cfg.data.interpolation,
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+    save_for_hf(backbone.vit, str(out), safe_serialization=True, data_config=data_config)
+    record = json.loads((run_dir / "run.json").read_text())
+    (out / "README.md").write_text(_model_card(run_dir, record, results_path))
+    return out
+
+
+def _scores(run_dir: Path, results_path: str | Path) -> pd.DataFrame:
+    rows = read_results(results_path)
+    run_id = f"{run_dir.parent.name}/{run_dir.name}"
+    rows = rows[(rows["run_id"] == run_id) & (rows["metric"] != "seconds")]
+    keys = ["task", "protocol", "metric"]
+    return rows.sort_values("recorded_at").drop_duplicates(keys, keep="last")[[*keys, "value"]]
+
+
+def _model_card(run_dir: Path, record: dict[str, Any], results_path: str | Path) -> str:
+    method, recipe, optim = record["method"], record["recipe"], record["optim"]
+    budget = record.get("budget", {})
+    arch = record["architecture"]
+    code = record.get("code") or {}
+    scores = _scores(run_dir, results_path)
+    lines = [
+        "---",
+        "library_name: timm",
+        "tags: [image-feature-extraction, self-supervised, masked-image-modeling]",
+        "---",
+        "",
+        f"# {method['name']} pre-trained {arch['model']} ({run_dir.name})",
+        "",
+        f"Encoder pre-trained with **{method['name']}** by the ROPIM benchmark suite, "
+        f"exported from `{run_dir}` (checkpoint `{pretrained_checkpoint(run_dir)}`).",
+        "",
+        "```python",
+        "import timm",
+        'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True)',
+        "```",
+        "",
+        "## Pre-training",
+        "",
+        f"- data: {record['dataset']['name']} ({record['dataset']['images']} images)",
+        f"- budget: {budget.get('epochs')} epochs, time budget {budget.get('time_budget_s')} s; "
+        f"stopped by {budget.get('stopped_by')} after {record.get('epochs_completed', 0):.2f} "
+        f"epochs ({record.get('steps')} steps, {record.get('train_time_s', 0):.0f} s of training)",
+        f"- seed {record['seed']}, {record['world_size']} device(s), {record['precision']}",
+        f"- method settings: `{json.dumps(method)}`",
+        f"- optimiser as trained: lr {optim['lr']:.3g} (base {optim['base_lr']} per "
+        f"{optim['lr_batch_divisor']} images, total batch {optim['total_batch']}), warmup "
+        f"{optim['warmup_epochs']} epochs, betas {optim['betas']}, weight decay "
+        f"{optim['weight_decay']}, clip {optim['clip_grad']}, min lr {optim['min_lr']}",
+        f"- published recipe: {recipe.get('source', '')}",
+        f"- code: {code.get('git_commit')} (dirty: {code.get('git_dirty')})",
+        "",
+        "## Downstream scores of this run",
+        "",
+    ]
+    if len(scores):
+        lines += [scores.to_markdown(index=False), ""]
+    else:
+        lines += [f"None recorded in `{results_path}` yet (`ropim evaluate {run_dir}`).", ""]
+    return "\n".join(lines)

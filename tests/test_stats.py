@@ -1,0 +1,58 @@
+"""Paired per-seed differences: the interval and the verdict follow Student's t."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from ropim.suite.stats import paired_difference, paired_table, summary_sentences
+
+
+def _rows(values: dict[str, list[float]], measure: str = "knn top-1 (%)") -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"method": m, "seed": s, "measure": measure, "value": v}
+            for m, vs in values.items()
+            for s, v in enumerate(vs)
+        ]
+    )
+
+
+def test_interval_is_the_t_interval_of_the_per_seed_differences():
+    rows = _rows({"ropim": [70.0, 72.0, 71.0], "mae": [60.0, 63.0, 60.5]})
+    diff = paired_difference(rows, "mae", "ropim", "knn top-1 (%)")
+    d = [-10.0, -9.0, -10.5]
+    sd = pd.Series(d).std()
+    half = stats.t.ppf(0.975, 2) * sd / math.sqrt(3)
+    assert diff.mean == pytest.approx(sum(d) / 3)
+    assert (diff.low, diff.high) == pytest.approx((diff.mean - half, diff.mean + half))
+    assert diff.verdict == "worse"
+
+
+def test_pairing_removes_the_seed_effect_that_unpaired_spreads_would_keep():
+    # Seeds differ a lot, but mae is 0.5 above ropim on every seed.
+    rows = _rows({"ropim": [60.0, 70.0, 80.0], "mae": [60.5, 70.5, 80.4]})
+    assert paired_difference(rows, "mae", "ropim", "knn top-1 (%)").verdict == "better"
+    noisy = _rows({"ropim": [60.0, 70.0, 80.0], "mae": [61.0, 69.0, 80.5]})
+    assert paired_difference(noisy, "mae", "ropim", "knn top-1 (%)").verdict == (
+        "no difference at 95%"
+    )
+
+
+def test_only_shared_seeds_count_and_one_seed_gives_no_verdict():
+    rows = _rows({"ropim": [70.0, 71.0], "mae": [60.0]})
+    diff = paired_difference(rows, "mae", "ropim", "knn top-1 (%)")
+    assert diff.seeds == 1 and diff.verdict == "n/a (1 seed)"
+
+
+def test_summary_claims_only_supported_differences():
+    rows = _rows({"ropim": [70.0, 72.0, 71.0], "mae": [60.0, 63.0, 60.5], "simmim": [71, 70, 73]})
+    table, diffs = paired_table(rows, ["ropim", "mae", "simmim"], ["ropim"], ["knn top-1 (%)"])
+    assert list(table.index) == ["mae − ropim", "simmim − ropim"]
+    assert "worse" in table.loc["mae − ropim", "knn top-1 (%)"]
+    text = "\n".join(summary_sentences(diffs))
+    assert "mae scores lower than ropim" in text and "simmim" not in text.split("\n")[0]
+    assert "±4.30" in text
