@@ -56,3 +56,11 @@ def test_summary_claims_only_supported_differences():
     text = "\n".join(summary_sentences(diffs))
     assert "mae scores lower than ropim" in text and "simmim" not in text.split("\n")[0]
     assert "±4.30" in text
+
+
+def test_each_pair_appears_once():
+    rows = _rows({"ropim": [70.0, 72.0], "mae": [60.0, 63.0], "random_init": [65.0, 64.0]})
+    table, _ = paired_table(
+        rows, ["ropim", "mae", "random_init"], ["ropim", "random_init"], ["knn top-1 (%)"]
+    )
+    assert list(table.index) == ["mae − ropim", "random_init − ropim", "mae − random_init"]

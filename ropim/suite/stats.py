@@ -69,10 +69,12 @@ def paired_table(
     """One row per (method vs. reference), one column per measure; and the differences."""
     found: list[PairedDifference] = []
     table_rows = {}
+    done: set[frozenset[str]] = set()
     for reference in references:
         for method in methods:
-            if method == reference:
-                continue
+            if method == reference or frozenset((method, reference)) in done:
+                continue  # each pair once: b − a is a − b with the sign turned
+            done.add(frozenset((method, reference)))
             cells = {}
             for measure in measures:
                 diff = paired_difference(rows, method, reference, measure)
