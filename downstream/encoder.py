@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import operator
 import re
+from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from timm.layers import resample_abs_pos_embed
 from torch import nn
@@ -29,6 +30,12 @@ def pretrained_checkpoint(run_dir: str | Path) -> str:
     if latest is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint")
     return latest.name
+
+
+def finetune_fingerprint(run_dir: str | Path, settings: Any) -> dict[str, Any]:
+    """What a fine-tune's checkpoints must have been made with to be resumed: its settings and
+    the pre-training checkpoint it started from."""
+    return {"settings": asdict(settings), "encoder": pretrained_checkpoint(run_dir)}
 
 
 def load_pretrained_encoder(

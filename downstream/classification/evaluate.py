@@ -14,7 +14,7 @@ import torch
 from downstream.classification.finetune import finetune_accuracy
 from downstream.classification.linear_probe import linear_probe_accuracy
 from downstream.classification.settings import ClassificationSettings
-from downstream.encoder import load_pretrained_encoder, pretrained_checkpoint
+from downstream.encoder import finetune_fingerprint, load_pretrained_encoder
 from ropim.harness.data import SeededViews, eval_transform, load_images
 from ropim.harness.knn import knn_accuracy
 from ropim.harness.probe import extract_features
@@ -86,10 +86,6 @@ def run_classification(
     if "finetune" in settings.protocols:
         start = time.perf_counter()
         fresh, _ = load_pretrained_encoder(run_dir, drop_path=settings.finetune.drop_path)
-        fingerprint = {
-            "settings": asdict(settings.finetune),
-            "encoder": pretrained_checkpoint(run_dir),
-        }
         result = finetune_accuracy(
             fresh,
             cfg,
@@ -97,7 +93,7 @@ def run_classification(
             num_classes,
             seed,
             run_dir / "classification_finetune",
-            fingerprint,
+            finetune_fingerprint(run_dir, settings.finetune),
             after_step,
         )
         add("finetune", "top1", result["top1"])  # the last epoch

@@ -108,16 +108,9 @@ def finetune_accuracy(
     optimizer = create_optimizer_v2(
         model, "adamw", lr=lr, weight_decay=ft.weight_decay, layer_decay=ft.layer_decay
     )
-    plan = LoopPlan(
-        steps=None,
-        epochs=ft.epochs,
-        batch_size=batch,
-        seed=seed,
-        log_every=ft.log_every,
-        checkpoint_every=ft.checkpoint_every,
-        num_workers=ft.num_workers,
-        clip_grad=ft.clip_grad,
-        desc=f"finetune {out_dir.parent.name}",
+    desc = f"finetune {out_dir.parent.name}"
+    plan = LoopPlan.for_task(
+        ft, seed, desc, epochs=ft.epochs, batch_size=batch, clip_grad=ft.clip_grad
     )
     per_epoch, total = plan_steps(len(train_set), plan, world)
     scheduler = build_scheduler(optimizer, total, round(ft.warmup_epochs * per_epoch), ft.min_lr)

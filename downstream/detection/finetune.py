@@ -23,7 +23,11 @@ from downstream.detection.dataset import CocoInstances
 from downstream.detection.model import ViTDetMaskRCNN
 from downstream.detection.settings import DetectionSettings
 from downstream.detection.transforms import LargeScaleJitter, to_model_input
-from downstream.encoder import dense_encoder, load_pretrained_encoder, pretrained_checkpoint
+from downstream.encoder import (
+    dense_encoder,
+    finetune_fingerprint,
+    load_pretrained_encoder,
+)
 from downstream.scenes import scene_dataset_dir, scenes_folder, spec_of, write_coco_scenes
 from ropim.harness.data import SeededPairs, dataset_stats
 from ropim.harness.loop import Hooks, LoopPlan, train_loop
@@ -115,16 +119,13 @@ def finetune_detection(
         settings.image_size, settings.scale_range, settings.hflip, cfg.model.in_chans
     )
     views = SeededPairs(train, augment, seed, "detection-view")
-    plan = LoopPlan(
+    plan = LoopPlan.for_task(
+        settings,
+        seed,
+        f"det {run_dir.name}",
         steps=total,
-        batch_size=settings.batch_size,
-        seed=seed,
-        log_every=settings.log_every,
-        checkpoint_every=settings.checkpoint_every,
-        num_workers=settings.num_workers,
         keep_history=True,
         collate=collate_lists,
-        desc=f"det {run_dir.name}",
     )
 
     def step_loss(net: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -132,7 +133,6 @@ def finetune_detection(
         losses = net(images, targets)
         return sum(losses.values()), dict(losses)
 
-    fingerprint = {"settings": asdict(settings), "encoder": pretrained_checkpoint(run_dir)}
     trained = train_loop(
         fabric,
         model,
@@ -143,7 +143,7 @@ def finetune_detection(
         Hooks(loss=step_loss, after_step=after_step),
         run_dir / "detection",
         model.signature(),
-        fingerprint,
+        finetune_fingerprint(run_dir, settings),
     )
     scores = evaluate_detector(trained.model, val, cfg.model.in_chans, fabric)
     terms = [k for k in trained.history[-1] if k != "loss"] if trained.history else []

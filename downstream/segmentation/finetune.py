@@ -18,7 +18,11 @@ import torch
 from timm.scheduler import PolyLRScheduler
 from torch import Tensor, nn
 
-from downstream.encoder import dense_encoder, load_pretrained_encoder, pretrained_checkpoint
+from downstream.encoder import (
+    dense_encoder,
+    finetune_fingerprint,
+    load_pretrained_encoder,
+)
 from downstream.pyramid import ViTPyramid, default_out_indices
 from downstream.scenes import (
     NUM_SCENE_CLASSES,
@@ -136,22 +140,12 @@ def finetune_segmentation(
         warmup_prefix=True,
         t_in_epochs=False,
     )
-    plan = LoopPlan(
-        steps=total,
-        batch_size=settings.batch_size,
-        seed=seed,
-        log_every=settings.log_every,
-        checkpoint_every=settings.checkpoint_every,
-        num_workers=settings.num_workers,
-        keep_history=True,
-        desc=f"seg {run_dir.name}",
-    )
+    plan = LoopPlan.for_task(settings, seed, f"seg {run_dir.name}", steps=total, keep_history=True)
 
     def step_loss(net: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         images, labels = batch
         return segmentation_loss(net(images, with_aux=True), labels, settings.aux_weight), {}
 
-    fingerprint = {"settings": asdict(settings), "encoder": pretrained_checkpoint(run_dir)}
     trained = train_loop(
         fabric,
         model,
@@ -162,7 +156,7 @@ def finetune_segmentation(
         Hooks(loss=step_loss, after_step=after_step),
         run_dir / "segmentation",
         model.signature(),
-        fingerprint,
+        finetune_fingerprint(run_dir, settings),
     )
     scores = evaluate_segmenter(trained.model, val, settings, cfg, fabric)
     seconds = trained.progress.train_time_s

@@ -10,6 +10,7 @@ import os
 import pickle
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -193,11 +194,12 @@ class CheckpointDir:
         """Restore weights into ``module`` and the training state in place; returns leftovers."""
         load_weights(module, path / WEIGHTS_FILE, signature)
         try:
-            return fabric.load(path / STATE_FILE, state, weights_only=True)
+            with warnings.catch_warnings():  # torch's own advice would be the wrong one here
+                warnings.simplefilter("ignore")
+                return fabric.load(path / STATE_FILE, state, weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
                 f"{path / STATE_FILE} is not a training state written by this suite (refused "
-                f"without unpickling anything: {first[:160]}); delete {path} to resume from "
-                f"the newest checkpoint before it, or start a new run"
+                f"without unpickling anything: {type(exc).__name__}); delete {path} to resume "
+                f"from the newest checkpoint before it, or start a new run"
             ) from None

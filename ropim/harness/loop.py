@@ -28,6 +28,7 @@ from ropim.harness.errors import ConfigError, TrainingError
 from ropim.harness.progress import ProgressDisplay
 from ropim.harness.records import MetricsLog
 from ropim.harness.seeding import derive_seed
+from ropim.harness.tasks import TrainingSettings
 
 # (model, batch, step) -> (loss, named loss terms to log); the model is the Fabric-wrapped one.
 StepLoss = Callable[[nn.Module, Any, int], tuple[Tensor, dict[str, Tensor]]]
@@ -50,6 +51,19 @@ class LoopPlan:
     keep_history: bool = False  # every step's loss terms, kept in the checkpoint (dense tasks)
     collate: Callable | None = None
     desc: str = "train"
+
+    @classmethod
+    def for_task(cls, settings: TrainingSettings, seed: int, desc: str, **rest: Any) -> LoopPlan:
+        """A downstream fine-tune's plan: batch, intervals and workers from its settings."""
+        fields = {"steps": None, "batch_size": settings.batch_size} | rest
+        return cls(
+            seed=seed,
+            log_every=settings.log_every,
+            checkpoint_every=settings.checkpoint_every,
+            num_workers=settings.num_workers,
+            desc=desc,
+            **fields,
+        )
 
 
 @dataclass

@@ -49,6 +49,12 @@ def build_encoder(cfg: Config) -> ViTBackbone:
     return ViTBackbone(m.name, m.img_size, m.patch_size, m.in_chans, m.drop_path, **m.kwargs)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timings on CUDA are otherwise launch times)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def weights_digest(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):

@@ -8,22 +8,18 @@ from collections.abc import Callable
 
 import torch
 
+from ropim.harness.runtime import synchronize
 from ropim.method.sketch import CountSketch
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _time_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    _sync(device)
+    synchronize(device)
     return 1000 * (time.perf_counter() - start) / repeats
 
 

@@ -19,12 +19,7 @@ from ropim.harness.config import Config
 from ropim.harness.loop import TrainStep
 from ropim.harness.pretrain import Pretraining, set_up_pretraining
 from ropim.harness.records import hardware
-from ropim.harness.runtime import resolve_device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from ropim.harness.runtime import resolve_device, synchronize
 
 
 def _time_steps(
@@ -48,10 +43,10 @@ def _time_steps(
     elapsed = 0.0
     with variant() if variant is not None else contextlib.nullcontext():
         for index in range(warmup + steps):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             loss, _ = step((images,), index)
-            _sync(device)
+            synchronize(device)
             if index >= warmup:
                 elapsed += time.perf_counter() - start
     result = {

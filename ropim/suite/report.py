@@ -19,9 +19,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from ropim.harness.tasks import TaskSpec  # noqa: E402
+from ropim.suite.compare import RANDOM_INIT  # noqa: E402
 from ropim.suite.stats import paired_table, summary_sentences  # noqa: E402
-
-RANDOM_INIT = "random_init"  # the floor row a comparison may carry (compare.random_init)
 
 REFERENCES = resources.files("ropim.suite") / "references.csv"  # package data
 
