@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ropim.harness.backbone import ViTBackbone
 from ropim.harness.errors import check_ratio
-from ropim.harness.methods import MaskingMethod, Recipe
+from ropim.harness.methods import MaskingMethod, ProtocolRecipe, Recipe
 from ropim.harness.patches import patchify
 
 
@@ -57,8 +57,50 @@ class MAE(MaskingMethod):
         warmup_epochs=40,
         betas=(0.9, 0.95),
         weight_decay=0.05,
-        source="MAE ViT-B pre-training, facebookresearch/mae PRETRAIN.md (docs/recipes.md)",
+        clip_grad=None,
+        base_min_lr=0.0,
+        crop_scale=(0.2, 1.0),
+        drop_path=0.0,
+        source="facebookresearch/mae PRETRAIN.md:9-18, main_pretrain.py:163-180",
+        sources={
+            "clip_grad": "mae engine_pretrain.py:47,57 (no clipping)",
+            "base_min_lr": "mae main_pretrain.py (min_lr default 0)",
+            "crop_scale": "mae main_pretrain.py:124",
+            "drop_path": "mae models_mae.py:39-41 (encoder blocks without drop path)",
+        },
     )
+    protocol_recipes = {
+        "finetune": ProtocolRecipe(
+            values={
+                "epochs": 100,
+                "warmup_epochs": 5,
+                "base_lr": 5e-4,
+                "lr_batch_divisor": 256,
+                "min_lr": 1e-6,
+                "layer_decay": 0.65,
+                "weight_decay": 0.05,
+                "drop_path": 0.1,
+                "clip_grad": None,
+                "rand_augment": "rand-m9-mstd0.5-inc1",
+                "mixup": 0.8,
+                "cutmix": 1.0,
+                "label_smoothing": 0.1,
+                "random_erasing": 0.25,
+            },
+            source="facebookresearch/mae FINETUNE.md:113-125, main_finetune.py:57-95",
+        ),
+        "linear": ProtocolRecipe(
+            values={
+                "epochs": 90,
+                "warmup_epochs": 10,
+                "base_lr": 0.1,
+                "lr_batch_divisor": 256,
+                "optimizer": "lars",
+                "weight_decay": 0.0,
+            },
+            source="facebookresearch/mae main_linprobe.py:44-66,218,222, util/lars.py:18-47",
+        ),
+    }
 
     def __init__(
         self,

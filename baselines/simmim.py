@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ropim.harness.backbone import ViTBackbone
 from ropim.harness.errors import check_ratio
-from ropim.harness.methods import MaskingMethod, Recipe, linear_pixel_head
+from ropim.harness.methods import MaskingMethod, ProtocolRecipe, Recipe, linear_pixel_head
 from ropim.harness.patches import patchify
 
 
@@ -45,8 +45,43 @@ class SimMIM(MaskingMethod):
         betas=(0.9, 0.999),
         weight_decay=0.05,
         clip_grad=5.0,
-        source="microsoft/SimMIM configs/vit_base__800ep/ pre-train yaml (docs/recipes.md)",
+        base_min_lr=5e-6,
+        schedule="multistep",
+        decay_at=(0.875,),
+        decay_rate=0.1,
+        crop_scale=(0.67, 1.0),
+        drop_path=0.1,
+        source="microsoft/SimMIM configs/vit_base__800ep/"
+        "simmim_pretrain__vit_base__img224__800ep.yaml",
+        sources={
+            "base_lr": "SimMIM pretrain yaml:19-22, main_simmim.py:218",
+            "lr_batch_divisor": "SimMIM main_simmim.py:218",
+            "clip_grad": "SimMIM config.py:129",
+            "base_min_lr": "SimMIM config.py:102 (unused by the multistep schedule)",
+            "schedule": "SimMIM pretrain yaml:23-26 (×0.1 at epoch 700 of 800)",
+            "decay_at": "SimMIM pretrain yaml:23-26 (700/800)",
+            "decay_rate": "SimMIM pretrain yaml:23-26",
+            "crop_scale": "SimMIM data/data_simmim.py:52",
+            "drop_path": "SimMIM pretrain yaml:4",
+        },
     )
+    protocol_recipes = {
+        "finetune": ProtocolRecipe(
+            values={
+                "epochs": 100,
+                "warmup_epochs": 20,
+                "base_lr": 1.25e-3,
+                "lr_batch_divisor": 512,
+                "min_lr": 2.5e-7,
+                "layer_decay": 0.65,
+                "weight_decay": 0.05,
+                "drop_path": 0.1,
+                "clip_grad": 5.0,
+            },
+            source="microsoft/SimMIM configs/vit_base__800ep/"
+            "simmim_finetune__vit_base__img224__800ep.yaml:4-22",
+        )
+    }
 
     def __init__(
         self, backbone: ViTBackbone, mask_ratio: float = 0.6, mask_patch_size: int = 32

@@ -34,5 +34,15 @@ def task_named(name: str) -> TaskSpec:
 
 
 def configured_tasks(raw: dict[str, Any]) -> list[TaskSpec]:
-    """Tasks that run always, and every other task whose section the config holds."""
-    return [spec for spec in all_tasks() if spec.always or spec.name in raw]
+    """Tasks that run always, and every other task whose section the config holds; when
+    ``compare.tasks`` lists names, only those (a preset can keep a section one override away)."""
+    chosen = (raw.get("compare") or {}).get("tasks")
+    specs = [spec for spec in all_tasks() if spec.always or spec.name in raw]
+    if chosen is None:
+        return specs
+    names = [spec.name for spec in specs]
+    if not isinstance(chosen, list) or not set(chosen) <= set(names):
+        raise ConfigError(
+            f"compare.tasks={chosen!r} must list tasks this config has sections for: {names}"
+        )
+    return [spec for spec in specs if spec.name in chosen]

@@ -207,10 +207,12 @@ def test_comparison_with_mismatched_budget_is_refused(tmp_path):
         plan_comparison(_compare_file(tmp_path, bad))
     planned = plan_comparison(_compare_file(tmp_path))
     configs = {p.label: p.config for p in planned}
-    configs["simmim_seed1"].data.crop_scale = [0.2, 1.0]
-    with pytest.raises(ConfigError, match=r"data.crop_scale is \[0.67, 1.0\] vs. \[0.2, 1.0\]"):
+    configs["simmim_seed1"].data.hflip = 0.0
+    with pytest.raises(ConfigError, match=r"data.hflip is 0.5 vs. 0.0"):
         check_budget_parity(configs)
-    configs["simmim_seed1"].data.crop_scale = [0.67, 1.0]
+    configs["simmim_seed1"].data.hflip = 0.5
+    configs["simmim_seed1"].data.crop_scale = [0.2, 1.0]  # a recipe's own: not budget
+    check_budget_parity(configs)
     configs["mae_seed0"].train.epochs = 1.0
     with pytest.raises(ConfigError, match="'ropim_seed0' and 'mae_seed0' .*train.epochs"):
         check_budget_parity(configs)
@@ -236,3 +238,55 @@ def test_time_budget_stops_training_and_records_epochs_reached(tmp_path):
     assert 0 < record["epochs_completed"] < 1000
     latest = (run_dir / "checkpoints" / "latest").read_text()
     assert latest == f"step_{record['steps']:08d}"
+
+
+def test_each_method_pretrains_with_its_own_recipe_unless_forced_shared(tmp_path):
+    from ropim.harness.pretrain import fill_from_recipe
+    from ropim.harness.registry import method_class
+    from ropim.suite.compare import plan_comparison
+
+    planned = plan_comparison(_compare_file(tmp_path))
+    for run in planned:
+        fill_from_recipe(run.config, method_class(run.method).recipe)
+    scales = {p.method: (p.config.data.crop_scale, p.config.model.drop_path) for p in planned}
+    assert scales == {
+        "ropim": ([0.67, 1.0], 0.1),
+        "mae": ([0.2, 1.0], 0.0),
+        "simmim": ([0.67, 1.0], 0.1),
+    }
+
+    shared = COMPARE_CONFIG.replace("data: {", "data: {crop_scale: [0.5, 1.0], ")
+    with pytest.raises(ConfigError, match=r"data.crop_scale=\[0.5, 1.0\].*force_shared"):
+        plan_comparison(_compare_file(tmp_path, shared))
+    forced = shared.replace("  name: cmp", "  name: cmp\n  force_shared: [data.crop_scale]")
+    planned = plan_comparison(_compare_file(tmp_path, forced))
+    for run in planned:
+        fill_from_recipe(run.config, method_class(run.method).recipe)
+    assert {tuple(p.config.data.crop_scale) for p in planned} == {(0.5, 1.0)}
+    unset = COMPARE_CONFIG.replace("  name: cmp", "  name: cmp\n  force_shared: [model.drop_path]")
+    with pytest.raises(ConfigError, match="force_shared lists model.drop_path; set its shared"):
+        plan_comparison(_compare_file(tmp_path, unset))
+
+
+def test_recipe_schedules_clipping_and_min_lr_resolve_per_method():
+    from ropim.harness.config import TrainSection
+    from ropim.harness.optim import pretrain_scheduler, resolve
+    from ropim.harness.registry import method_class
+
+    ropim = resolve(TrainSection(batch_size=256), method_class("ropim").recipe, world_size=2)
+    assert ropim.clip_grad == 5.0 and ropim.schedule == "cosine"
+    assert ropim.min_lr == pytest.approx(5e-6)  # 5e-6 per 512 images, 512 in total
+    simmim = resolve(TrainSection(batch_size=64), method_class("simmim").recipe, world_size=1)
+    assert simmim.schedule == "multistep" and simmim.decay_at == (0.875,)
+    mae = resolve(TrainSection(clip_grad=1.0, min_lr=1e-5), method_class("mae").recipe, 1)
+    assert mae.clip_grad == 1.0 and mae.min_lr == 1e-5  # the config wins
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=simmim.lr)
+    scheduler = pretrain_scheduler(optimizer, simmim, total_steps=80, warmup_steps=10)
+    lrs = []
+    for step in range(80):
+        scheduler.step_update(step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[5] < lrs[10] == pytest.approx(simmim.lr)  # warmup, then the full rate
+    assert lrs[69] == pytest.approx(simmim.lr) and lrs[70] == pytest.approx(0.1 * simmim.lr)

@@ -67,9 +67,9 @@ def test_evaluation_hook_and_loss_terms_are_logged(tmp_path):
 
     result = _run(tmp_path, evaluate=evaluate)
     assert result.progress.step == result.total_steps == 32
-    assert calls == [(8, False), (16, False), (24, False), (32, False)]  # in eval mode
+    assert calls == [(0, False), (8, False), (16, False), (24, False), (32, False)]  # eval mode
     rows = list(csv.DictReader((tmp_path / "evaluations.csv").open()))
-    assert [int(r["step"]) for r in rows] == [8, 16, 24, 32]
+    assert [int(r["step"]) for r in rows] == [0, 8, 16, 24, 32]  # 0: before training
     metrics = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert [int(r["step"]) for r in metrics] == list(range(4, 33, 4))
     first, last = metrics[0], metrics[-1]

@@ -162,7 +162,9 @@ def test_knn_monitor_writes_a_learning_curve_and_leaves_the_weights_alone(tmp_pa
     overrides = [f"run.output_dir={tmp_path}", "run.name=b", "probe.knn_every=0.5", "probe.knn_k=5"]
     monitored = pretrain(load_config(TINY_CONFIG, overrides))
     rows = list(csv.DictReader((monitored / "evaluations.csv").open()))
-    assert [int(r["step"]) for r in rows] == [4, 8]
-    assert all(0.0 <= float(r["knn_avg"]) <= 1.0 and float(r["train_seconds"]) > 0 for r in rows)
+    assert [int(r["step"]) for r in rows] == [0, 4, 8]  # step 0: the encoder before training
+    assert float(rows[0]["train_seconds"]) == 0.0
+    assert all(0.0 <= float(r["knn_avg"]) <= 1.0 for r in rows)
+    assert all(float(r["train_seconds"]) > 0 for r in rows[1:])
     a, b = _final_weights(plain), _final_weights(monitored)
     assert all(torch.equal(a[k], b[k]) for k in a)

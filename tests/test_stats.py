@@ -64,3 +64,47 @@ def test_each_pair_appears_once():
         rows, ["ropim", "mae", "random_init"], ["ropim", "random_init"], ["knn top-1 (%)"]
     )
     assert list(table.index) == ["mae − ropim", "random_init − ropim", "mae − random_init"]
+
+
+def test_report_keeps_only_rows_of_each_runs_newest_budget():
+    from ropim.suite.report import _newest
+
+    def row(run, budget, task, value, when):
+        return {
+            "run_id": f"cmp/{run}",
+            "backbone": "vit@28/p4/d6",
+            "dataset": "mnist",
+            "budget_epochs": budget,
+            "budget_seconds": float("nan"),
+            "task": task,
+            "protocol": "p",
+            "metric": "m",
+            "value": value,
+            "recorded_at": when,
+        }
+
+    results = pd.DataFrame(
+        [
+            row("ropim_seed0", 5.0, "segmentation", 0.1, "2026-01-01"),  # an older budget
+            row("ropim_seed0", 5.0, "classification", 0.2, "2026-01-02"),
+            row("ropim_seed0", 12.0, "classification", 0.3, "2026-02-01"),
+            row("ropim_seed0", 12.0, "classification", 0.4, "2026-02-02"),  # re-evaluated
+            row("mae_seed0", 5.0, "segmentation", 0.5, "2026-01-01"),
+        ]
+    )
+    kept = _newest(results, "cmp")
+    assert sorted(zip(kept["run_id"], kept["task"], kept["value"], strict=True)) == [
+        ("cmp/mae_seed0", "segmentation", 0.5),
+        ("cmp/ropim_seed0", "classification", 0.4),
+    ]
+
+
+def test_compare_tasks_restricts_which_configured_tasks_run():
+    from downstream.tasks import configured_tasks
+    from ropim.harness.errors import ConfigError
+
+    raw = {"compare": {"tasks": ["classification"]}, "classification": {}, "segmentation": {}}
+    assert [t.name for t in configured_tasks(raw)] == ["classification"]
+    assert {t.name for t in configured_tasks({"segmentation": {}})} >= {"segmentation"}
+    with pytest.raises(ConfigError, match="compare.tasks=.*detection"):
+        configured_tasks(raw | {"compare": {"tasks": ["detection"]}})

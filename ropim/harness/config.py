@@ -27,7 +27,7 @@ class ModelSection:
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
-    drop_path: float = 0.1
+    drop_path: float | None = None  # None: the method's recipe (pre-training)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
 
 
@@ -38,7 +38,7 @@ class DataSection:
     split: str = "train"
     val_fraction: float = 0.2  # mnist: share of the 5,000 digits held out (fixed split)
     limit: int | None = None  # use a fixed random subset of N images (quick tests)
-    crop_scale: list[float] = field(default_factory=lambda: [0.67, 1.0])
+    crop_scale: list[float] | None = None  # None: the method's recipe
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
     hflip: float = 0.5
     interpolation: str = "bicubic"
@@ -56,7 +56,9 @@ class TrainSection:
     base_lr: float | None = None  # None: the method's recipe
     lr_batch_divisor: int | None = None
     warmup_epochs: float | None = None
-    min_lr: float = 1e-6
+    min_lr: float | None = None  # absolute; None: the recipe's base_min_lr, scaled like the lr
+    schedule: str | None = None  # cosine or multistep; None: the method's recipe
+    decay_at: list[float] | None = None  # multistep: fractions of training where lr ×decay_rate
     weight_decay: float | None = None
     betas: list[float] | None = None
     clip_grad: float | None = None
@@ -230,6 +232,15 @@ def check_values(config: Config) -> None:
     train = config.train
     if config.data.on_bad_image not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_image={config.data.on_bad_image!r} must be error or skip")
+    if train.schedule not in (None, "cosine", "multistep"):
+        raise ConfigError(f"train.schedule={train.schedule!r} must be cosine or multistep")
+    if train.decay_at is not None and not all(0 < f < 1 for f in train.decay_at):
+        raise ConfigError(
+            f"train.decay_at={train.decay_at} must hold fractions of training between 0 and 1"
+        )
+    scale = config.data.crop_scale
+    if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise ConfigError(f"data.crop_scale={scale} must be [low, high] with 0 < low <= high <= 1")
     positive = {
         "train.epochs": train.epochs,
         "train.batch_size": train.batch_size,

@@ -209,6 +209,27 @@ def train_loop(
     def running_time() -> float:
         return progress.train_time_s + time.perf_counter() - window_start
 
+    def run_evaluation() -> None:
+        trained_s = running_time()  # the evaluation's own time is not training
+        model.eval()
+        with torch.no_grad():
+            scores = hooks.evaluate(model, progress.step)  # type: ignore[misc]
+        model.train()
+        if rank == 0:
+            evaluations.append(
+                {
+                    "step": progress.step,
+                    "epoch": round(progress.step / per_epoch, 4),
+                    "train_seconds": round(trained_s, 3),
+                }
+                | scores
+            )
+
+    if hooks.evaluate is not None and hooks.evaluate_every and progress.step == 0:
+        window_start = time.perf_counter()
+        run_evaluation()  # the curve's starting point: the encoder before any training step
+        window_start = time.perf_counter()
+
     model.train()
     while progress.step < total and progress.stopped_by != "time_budget":
         epoch, start_batch = divmod(progress.step, per_epoch)
@@ -279,19 +300,7 @@ def train_loop(
             )
             if evaluate_now:
                 pause = time.perf_counter()
-                model.eval()
-                with torch.no_grad():
-                    scores = hooks.evaluate(model, progress.step)  # type: ignore[misc]
-                model.train()
-                if rank == 0:
-                    evaluations.append(
-                        {
-                            "step": progress.step,
-                            "epoch": round(progress.step / per_epoch, 4),
-                            "train_seconds": round(running_time(), 3),
-                        }
-                        | scores
-                    )
+                run_evaluation()
                 window_start += time.perf_counter() - pause  # evaluation is not training
             if progress.step % plan.checkpoint_every == 0 or last:
                 pause = time.perf_counter()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -18,7 +18,9 @@ from ropim.harness.patches import patchify, unpatchify
 
 @dataclass(frozen=True)
 class Recipe:
-    """A method's published optimisation choices; the harness uses them unless overridden."""
+    """A method's published pre-training choices; the harness uses them unless the config sets
+    a value. ``source`` names where the recipe comes from; ``sources`` overrides it per key
+    (repository file:line or paper section), so each value can be checked."""
 
     base_lr: float
     lr_batch_divisor: int  # lr = base_lr · total_batch / lr_batch_divisor
@@ -26,10 +28,39 @@ class Recipe:
     betas: tuple[float, float]
     weight_decay: float = 0.05
     clip_grad: float | None = None
+    base_min_lr: float = 0.0  # scaled like base_lr: min_lr = base_min_lr · total_batch / divisor
+    schedule: str = "cosine"  # or "multistep": ×decay_rate at each fraction in decay_at
+    decay_at: tuple[float, ...] = ()
+    decay_rate: float = 0.1
+    crop_scale: tuple[float, float] = (0.67, 1.0)  # RandomResizedCrop area range
+    drop_path: float = 0.1
     source: str = ""
+    sources: Mapping[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        values["sources"] = dict(self.sources)
+        return values
+
+    def values(self) -> dict[str, Any]:
+        """The settings alone (no sources), in declaration order."""
+        return {k: v for k, v in asdict(self).items() if k not in ("source", "sources")}
+
+    def source_of(self, key: str) -> str:
+        return self.sources.get(key, self.source)
+
+
+@dataclass(frozen=True)
+class ProtocolRecipe:
+    """A method's published settings for one evaluation protocol (e.g. its fine-tune):
+    ``values`` uses the task's setting names; keys it leaves out take the task's defaults."""
+
+    values: Mapping[str, Any]
+    source: str
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def source_of(self, key: str) -> str:
+        return self.sources.get(key, self.source)
 
 
 class MethodOutput(NamedTuple):
@@ -48,6 +79,9 @@ class MaskingMethod(nn.Module, ABC):
 
     name: ClassVar[str] = ""
     recipe: ClassVar[Recipe]
+    # The method's published evaluation recipes by protocol ("finetune", "linear", ...):
+    # a task reads them to fill the settings its config leaves unset.
+    protocol_recipes: ClassVar[Mapping[str, ProtocolRecipe]] = {}
 
     def __init__(self, backbone: ViTBackbone) -> None:
         super().__init__()

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 from ropim.harness.config import TrainSection
@@ -28,6 +29,9 @@ class OptimSettings:
     weight_decay: float
     betas: tuple[float, float]
     clip_grad: float | None
+    schedule: str = "cosine"
+    decay_at: tuple[float, ...] = ()  # multistep: fractions of training
+    decay_rate: float = 0.1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,11 +51,35 @@ def resolve(train: TrainSection, recipe: Recipe, world_size: int) -> OptimSettin
         lr_batch_divisor=divisor,
         total_batch=total_batch,
         lr=base_lr * total_batch / divisor,
-        min_lr=train.min_lr,
+        min_lr=pick(train.min_lr, recipe.base_min_lr * total_batch / divisor),
         warmup_epochs=pick(train.warmup_epochs, recipe.warmup_epochs),
         weight_decay=pick(train.weight_decay, recipe.weight_decay),
         betas=tuple(pick(train.betas, recipe.betas)),  # type: ignore[arg-type]
         clip_grad=pick(train.clip_grad, recipe.clip_grad),
+        schedule=pick(train.schedule, recipe.schedule),
+        decay_at=tuple(pick(train.decay_at, recipe.decay_at)),
+        decay_rate=recipe.decay_rate,
+    )
+
+
+def pretrain_scheduler(
+    optimizer: torch.optim.Optimizer, settings: OptimSettings, total_steps: int, warmup_steps: int
+) -> Scheduler:
+    """The recipe's schedule: warmup, then cosine to ``min_lr`` or steps of ×``decay_rate`` at
+    the ``decay_at`` fractions of training (SimMIM: ×0.1 at 7/8)."""
+    if settings.schedule == "cosine":
+        return build_scheduler(optimizer, total_steps, warmup_steps, settings.min_lr)
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    return MultiStepLRScheduler(
+        optimizer,
+        # timm applies milestone m from step m - 1 on: +1 makes step round(f·total) the first
+        # decayed one, as torch's MultiStepLR does at SimMIM's epoch 700.
+        decay_t=[round(f * total_steps) + 1 for f in settings.decay_at],
+        warmup_prefix=False,  # milestones count from step 0, warmup included
+        decay_rate=settings.decay_rate,
+        warmup_t=warmup_steps,
+        warmup_lr_init=settings.min_lr if warmup_steps else 0.0,
+        t_in_epochs=False,
     )
 
 

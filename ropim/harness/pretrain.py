@@ -32,11 +32,11 @@ from ropim.harness.data import (
 from ropim.harness.errors import ConfigError
 from ropim.harness.knn import knn_accuracy
 from ropim.harness.loop import Hooks, LoopPlan, StepLoss, plan_steps, train_loop
-from ropim.harness.methods import MaskingMethod
-from ropim.harness.optim import OptimSettings, build_optimizer, build_scheduler, resolve
+from ropim.harness.methods import MaskingMethod, Recipe
+from ropim.harness.optim import OptimSettings, build_optimizer, pretrain_scheduler, resolve
 from ropim.harness.probe import extract_features, probe_accuracy
 from ropim.harness.records import code_version, hardware, library_versions, write_json
-from ropim.harness.registry import build_method
+from ropim.harness.registry import build_method, method_class
 from ropim.harness.runtime import (
     build_encoder,
     gather,
@@ -69,8 +69,18 @@ class Pretraining:
         return loss
 
 
+def fill_from_recipe(cfg: Config, recipe: Recipe) -> None:
+    """The pre-training view and drop path the config leaves unset come from the method's
+    recipe (MAE: crops 0.2–1 and no drop path; ROPIM/SimMIM: 0.67–1 and 0.1)."""
+    if cfg.data.crop_scale is None:
+        cfg.data.crop_scale = list(recipe.crop_scale)
+    if cfg.model.drop_path is None:
+        cfg.model.drop_path = recipe.drop_path
+
+
 def set_up_pretraining(cfg: Config, method_dirs: tuple[str | Path, ...] = ()) -> Pretraining:
     fabric = make_fabric(cfg.train.accelerator, cfg.train.precision)
+    fill_from_recipe(cfg, method_class(cfg.method.get("name", ""), method_dirs).recipe)
     method = build_method(cfg.method, build_encoder(cfg), method_dirs)
     settings = resolve(cfg.train, method.recipe, fabric.world_size)
     return Pretraining(fabric, method, settings, build_optimizer(method, settings))
@@ -122,8 +132,8 @@ def pretrain(
     )
     world = fabric.world_size
     per_epoch, total_steps = plan_steps(len(views), plan, world)
-    scheduler = build_scheduler(
-        setup.optimizer, total_steps, round(settings.warmup_epochs * per_epoch), settings.min_lr
+    scheduler = pretrain_scheduler(
+        setup.optimizer, settings, total_steps, round(settings.warmup_epochs * per_epoch)
     )
     signature = method.signature()
     record: dict[str, Any] = {

@@ -46,7 +46,8 @@ def build_encoder(cfg: Config) -> ViTBackbone:
     """The backbone at its seeded initialisation (identical for every method and rank)."""
     torch.manual_seed(derive_seed(cfg.run.seed, "init"))
     m = cfg.model
-    return ViTBackbone(m.name, m.img_size, m.patch_size, m.in_chans, m.drop_path, **m.kwargs)
+    drop_path = m.drop_path or 0.0  # unset outside pre-training: no stochastic depth
+    return ViTBackbone(m.name, m.img_size, m.patch_size, m.in_chans, drop_path, **m.kwargs)
 
 
 def synchronize(device: torch.device) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ropim.harness.backbone import ViTBackbone
-from ropim.harness.methods import MaskingMethod, Recipe, linear_pixel_head
+from ropim.harness.methods import MaskingMethod, ProtocolRecipe, Recipe, linear_pixel_head
 from ropim.harness.patches import patchify
 from ropim.method.sketch import SCALINGS, CountSketch, Scaling, num_buckets
 
@@ -25,9 +25,61 @@ class ROPIM(MaskingMethod):
         warmup_epochs=5,
         betas=(0.9, 0.95),
         weight_decay=0.05,
-        source="csiro-robotics/ROPIM configs/vit_base/ropim_pretrain__vit_base.yaml "
-        "(docs/recipes.md)",
+        clip_grad=5.0,
+        base_min_lr=5e-6,
+        crop_scale=(0.67, 1.0),
+        drop_path=0.1,
+        source="csiro-robotics/ROPIM configs/vit_base/ropim_pretrain__vit_base.yaml",
+        sources={
+            "base_lr": "ROPIM ropim_pretrain__vit_base.yaml:20, main_ropim.py:209-211",
+            "lr_batch_divisor": "ROPIM main_ropim.py:209-211",
+            "warmup_epochs": "ROPIM ropim_pretrain__vit_base.yaml:19",
+            "betas": "ROPIM ropim_pretrain__vit_base.yaml:26",
+            "weight_decay": "ROPIM ropim_pretrain__vit_base.yaml:22",
+            "clip_grad": "ROPIM config.py:85, main_ropim.py:156-157",
+            "base_min_lr": "ROPIM main_ropim.py:209-211, lr_scheduler.py:22-31",
+            "schedule": "ROPIM lr_scheduler.py:22-31",
+            "crop_scale": "ROPIM data/data_ropim.py:74-75",
+            "drop_path": "ROPIM ropim_pretrain__vit_base.yaml:4",
+        },
     )
+    protocol_recipes = {
+        "finetune": ProtocolRecipe(
+            values={
+                "epochs": 100,
+                "warmup_epochs": 5,
+                "base_lr": 5e-3,
+                "lr_batch_divisor": 512,
+                "min_lr": 5e-6,
+                "layer_decay": 0.75,
+                "weight_decay": 0.05,
+                "drop_path": 0.1,
+                "clip_grad": 5.0,
+                "rand_augment": "rand-m9-mstd0.5-inc1",
+                "mixup": 0.8,
+                "cutmix": 1.0,
+                "label_smoothing": 0.1,
+                "random_erasing": 0.25,
+            },
+            source="csiro-robotics/ROPIM configs/vit_base/ropim_finetune__vit_base.yaml",
+            sources={
+                "epochs": "ROPIM ropim_finetune__vit_base.yaml:18",
+                "warmup_epochs": "ROPIM ropim_finetune__vit_base.yaml:19",
+                "base_lr": "ROPIM ropim_finetune__vit_base.yaml:20",
+                "lr_batch_divisor": "ROPIM main_finetune.py:312",
+                "min_lr": "ROPIM ropim_finetune__vit_base.yaml:22 (5e-6 per 512 images)",
+                "layer_decay": "ROPIM ropim_finetune__vit_base.yaml:24",
+                "weight_decay": "ROPIM ropim_finetune__vit_base.yaml:23",
+                "drop_path": "ROPIM ropim_finetune__vit_base.yaml:4",
+                "clip_grad": "ROPIM main_finetune.py:203-204",
+                "rand_augment": "ROPIM ropim_finetune__vit_base.yaml:16, config.py:126-136",
+                "mixup": "ROPIM config.py:126-136",
+                "cutmix": "ROPIM config.py:126-136",
+                "label_smoothing": "ROPIM config.py:55",
+                "random_erasing": "ROPIM config.py:126-136",
+            },
+        )
+    }
 
     def __init__(self, backbone: ViTBackbone, ratio: float = 0.14, scaling: Scaling = "exact"):
         super().__init__(backbone)

@@ -31,7 +31,10 @@ BUDGET_KEYS = (
     "train.precision",
     "train.accelerator",
 )
-COMPARE_KEYS = {"name", "scale", "seeds", "methods", "random_init"}
+# Each method's own recipe sets these (MAE: crops 0.2–1, no drop path); a comparison equalises
+# one only when compare.force_shared lists it (an ablation, recorded in the run's config).
+RECIPE_OWNED = ("data.crop_scale", "model.drop_path")
+COMPARE_KEYS = {"name", "scale", "seeds", "methods", "random_init", "force_shared", "tasks"}
 RANDOM_INIT = "random_init"  # the floor row: the shared encoder at its seeded initialisation
 # The optimiser values a method may set for itself (its published recipe).
 RECIPE_KEYS = {
@@ -52,8 +55,29 @@ def _lookup(config: dict[str, Any], dotted: str) -> Any:
 
 
 def budget_of(config: Config) -> dict[str, Any]:
+    """The shared budget of a run: :data:`BUDGET_KEYS` less the recipe-owned keys."""
     as_dict = config.to_dict()
+    for key in RECIPE_OWNED:
+        section, name = key.split(".")
+        as_dict[section].pop(name, None)
     return {key: _lookup(as_dict, key) for key in BUDGET_KEYS}
+
+
+def _check_recipe_owned(raw: dict[str, Any], force_shared: Any, path: str | Path) -> None:
+    if not isinstance(force_shared, list) or not set(force_shared) <= set(RECIPE_OWNED):
+        raise ConfigError(
+            f"compare.force_shared={force_shared!r} in {path} must list keys from "
+            f"{list(RECIPE_OWNED)}"
+        )
+    for key in RECIPE_OWNED:
+        value = _lookup(raw, key)
+        if key in force_shared and value is None:
+            raise ConfigError(f"compare.force_shared lists {key}; set its shared value in {path}")
+        if key not in force_shared and value is not None:
+            raise ConfigError(
+                f"{key}={value!r} in {path}: in a comparison each method takes {key} from its "
+                f"own recipe; add {key} to compare.force_shared to give all methods this value"
+            )
 
 
 def check_budget_parity(configs: dict[str, Config]) -> None:
@@ -124,6 +148,7 @@ def plan_comparison(
     if unknown:
         first = sorted(unknown)[0]
         raise ConfigError(f"unknown key compare.{first}; allowed: {sorted(COMPARE_KEYS)}")
+    _check_recipe_owned(raw, section.get("force_shared", []), path)
     seeds = section.get("seeds") or [raw.get("run", {}).get("seed", 0)]
     chosen = methods or list(section["methods"])
     missing = [m for m in chosen if m not in section["methods"]]

@@ -42,10 +42,24 @@ def read_references() -> pd.DataFrame | None:
         return pd.read_csv(handle)
 
 
+BUDGET_COLUMNS = ["backbone", "dataset", "budget_epochs", "budget_seconds"]
+
+
 def _newest(results: pd.DataFrame, comparison: str) -> pd.DataFrame:
+    """The newest row per run and measure, from the run's newest pre-training budget only: a
+    preset whose model or epochs changed never mixes its old rows into the new table."""
     rows = results[results["run_id"].astype(str).str.startswith(f"{comparison}/")]
+    rows = rows.sort_values("recorded_at")
+    if rows.empty:
+        return rows
+    budget = pd.Series(
+        ["|".join(map(str, values)) for values in rows[BUDGET_COLUMNS].to_numpy()],
+        index=rows.index,
+    )
+    current = budget.groupby(rows["run_id"]).transform("last")
+    rows = rows[budget == current]
     keys = ["run_id", "task", "protocol", "metric"]
-    return rows.sort_values("recorded_at").drop_duplicates(keys, keep="last")
+    return rows.drop_duplicates(keys, keep="last")
 
 
 def headline_rows(
