@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/ropim_mnist.yaml
 
-.PHONY: setup pretrain test lint format clean bench compare bench-pretrain reproduce-table2 report gpu-check
+.PHONY: setup pretrain test lint format clean bench compare bench-pretrain bench-data bench-dense reproduce-table2 report gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,16 @@ bench: setup  ## ROPIM training-step speed: ViT-B/16 at 224 px (bf16 on CUDA; sl
 compare: setup  ## ROPIM, MAE and SimMIM on the bundled digits under one budget
 	$(BIN)/ropim compare --config configs/compare_mnist.yaml $(ARGS)
 
-bench-pretrain: setup  ## images/s of each method's step; ROPIM projection vs. dense bmm
+bench-pretrain: setup  ## images/s of each method's step; projection vs. bmm; harness vs. plain loop
 	$(BIN)/ropim bench-pretrain --config $(or $(BENCH_CONFIG),configs/compare_mnist.yaml) $(ARGS)
+	$(BIN)/ropim bench-loop --config configs/ropim_mnist.yaml
+
+bench-data: setup  ## JPEG views/s per core vs. the decoder alone, with workers, vs. the step rate
+	$(BIN)/ropim bench-data --config $(or $(BENCH_CONFIG),configs/ropim_vit_b16_imagenet.yaml) \
+		train.batch_size=$(or $(BATCH),16) $(ARGS)
+
+bench-dense: setup  ## one ViTDet iteration at 1024 px (windowed vs. global) and UperNet at 512: CPU time, memory
+	$(BIN)/ropim bench-dense $(ARGS)
 
 SCALE ?= smoke
 reproduce-table2: setup  ## pre-train all methods x seeds, evaluate, write reports/table2_$(SCALE).md

@@ -16,7 +16,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ropim.harness.backbone import ViTBackbone
-from ropim.harness.errors import check_ratio
+from ropim.harness.errors import ConfigError, check_ratio
 from ropim.harness.methods import MaskingMethod, ProtocolRecipe, Recipe
 from ropim.harness.patches import patchify
 
@@ -112,6 +112,12 @@ class MAE(MaskingMethod):
         norm_pix_loss: bool = True,
     ) -> None:
         super().__init__(backbone)
+        if backbone.relative_position is not None:
+            raise ConfigError(
+                f"mae drops 75% of the tokens before the encoder; model.name="
+                f"{backbone.name!r} has a relative position bias over the full grid. MAE's own "
+                f"encoder uses absolute positions: choose a 'vit_*' model for mae"
+            )
         random_token_mask(1, backbone.num_tokens, mask_ratio, None, "cpu")  # validate early
         if decoder_dim % decoder_heads:
             raise ValueError(

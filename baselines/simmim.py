@@ -36,6 +36,9 @@ def block_mask(
     return hidden.reshape(batch, grid[0] * grid[1])
 
 
+PRETRAIN_YAML = "configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml"
+
+
 class SimMIM(MaskingMethod):
     name = "simmim"
     recipe = Recipe(
@@ -54,15 +57,15 @@ class SimMIM(MaskingMethod):
         source="microsoft/SimMIM configs/vit_base__800ep/"
         "simmim_pretrain__vit_base__img224__800ep.yaml",
         sources={
-            "base_lr": "SimMIM pretrain yaml:19-22, main_simmim.py:218",
+            "base_lr": f"SimMIM {PRETRAIN_YAML}:20, main_simmim.py:218",
             "lr_batch_divisor": "SimMIM main_simmim.py:218",
             "clip_grad": "SimMIM config.py:129",
             "base_min_lr": "SimMIM config.py:102 (unused by the multistep schedule)",
-            "schedule": "SimMIM pretrain yaml:23-26 (×0.1 at epoch 700 of 800)",
-            "decay_at": "SimMIM pretrain yaml:23-26 (700/800)",
-            "decay_rate": "SimMIM pretrain yaml:23-26",
+            "schedule": f"SimMIM {PRETRAIN_YAML}:23-26 (×0.1 at epoch 700 of 800)",
+            "decay_at": f"SimMIM {PRETRAIN_YAML}:26 (700/800)",
+            "decay_rate": f"SimMIM {PRETRAIN_YAML}:25",
             "crop_scale": "SimMIM data/data_simmim.py:52",
-            "drop_path": "SimMIM pretrain yaml:4",
+            "drop_path": f"SimMIM {PRETRAIN_YAML}:4",
         },
     )
     protocol_recipes = {

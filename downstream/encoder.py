@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from timm.layers import resample_abs_pos_embed
-from torch import nn
+from torch import Tensor, nn
 
 from ropim.harness.backbone import ViTBackbone
 from ropim.harness.checkpoint import (
@@ -20,7 +20,7 @@ from ropim.harness.checkpoint import (
     read_weights,
 )
 from ropim.harness.config import Config, load_config
-from ropim.harness.errors import CheckpointError
+from ropim.harness.errors import CheckpointError, ConfigError
 from ropim.harness.runtime import build_encoder
 
 
@@ -38,11 +38,31 @@ def finetune_fingerprint(run_dir: str | Path, settings: Any) -> dict[str, Any]:
     return {"settings": asdict(settings), "encoder": pretrained_checkpoint(run_dir)}
 
 
+SHARED_TABLE = "vit.rel_pos_bias.relative_position_bias_table"
+
+
+def untie_relative_position(cfg: Config, weights: dict[str, Tensor]) -> None:
+    """Turn a shared relative position bias into one table per block, each a copy of the
+    shared one (BEiT's and ROPIM's fine-tuning: ROPIM ``utils.py:117-125``); edits both."""
+    if SHARED_TABLE not in weights:
+        return
+    cfg.model.kwargs = cfg.model.kwargs | {
+        "use_shared_rel_pos_bias": False,
+        "use_rel_pos_bias": True,
+    }
+    table = weights.pop(SHARED_TABLE)
+    weights.pop("vit.rel_pos_bias.relative_position_index", None)
+    blocks = 1 + max(int(k.split(".")[2]) for k in weights if k.startswith("vit.blocks."))
+    for index in range(blocks):
+        weights[f"vit.blocks.{index}.attn.relative_position_bias_table"] = table.clone()
+
+
 def load_pretrained_encoder(
-    run_dir: str | Path, drop_path: float | None = None
+    run_dir: str | Path, drop_path: float | None = None, per_layer_bias: bool = False
 ) -> tuple[ViTBackbone, Config]:
     """The run's backbone with the weights of its newest checkpoint, and the run's config;
-    ``drop_path`` rebuilds it with another stochastic-depth rate (fine-tuning)."""
+    ``drop_path`` rebuilds it with another stochastic-depth rate (fine-tuning);
+    ``per_layer_bias`` unties a shared relative position bias into per-block copies."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a pre-training run (no config.yaml)")
@@ -52,12 +72,15 @@ def load_pretrained_encoder(
         raise CheckpointError(f"{run_dir} holds no checkpoint")
     if drop_path is not None:
         cfg.model.drop_path = drop_path
-    backbone = build_encoder(cfg)
     path = latest / WEIGHTS_FILE
     tensors, metadata = read_weights(path)
+    backbone = build_encoder(cfg)
     check_architecture(metadata, backbone, path)
     prefix = "backbone."
     weights = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if per_layer_bias and SHARED_TABLE in weights:
+        untie_relative_position(cfg, weights)
+        backbone = build_encoder(cfg)
     missing, unexpected = backbone.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -74,6 +97,12 @@ def dense_encoder(backbone: ViTBackbone, cfg: Config, img_size: int) -> ViTBackb
         raise CheckpointError(
             f"crop size {img_size} is not divisible by the encoder's patch size "
             f"{backbone.patch_size}; pick a multiple of {backbone.patch_size}"
+        )
+    if backbone.relative_position is not None:
+        raise ConfigError(
+            f"model.name={cfg.model.name!r} has a relative position bias; the dense tasks do not "
+            f"yet resize its tables to the crop's grid (tracked work): use a 'vit_*' backbone "
+            f"for segmentation and detection"
         )
     m = cfg.model
     dense = ViTBackbone(
@@ -116,7 +145,7 @@ class FineTunedViT(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         vit = "^" + re.escape(f"{self.ENCODER_PATH}.vit.")
         return {
-            "stem": vit + r"(?:cls_token|reg_token|pos_embed|patch_embed)",
+            "stem": vit + r"(?:cls_token|reg_token|pos_embed|patch_embed|rel_pos_bias)",
             "blocks": [(vit + r"blocks\.(\d+)", None)],
         }
 

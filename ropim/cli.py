@@ -68,6 +68,30 @@ def _parser() -> argparse.ArgumentParser:
     bp.add_argument("--steps", type=int, default=10)
     bp.add_argument("--out", default="results/bench", help="folder for the CSV of the numbers")
     bp.add_argument("overrides", nargs="*")
+    bd = sub.add_parser(
+        "bench-data", help="views/s of the JPEG data path per core and with workers"
+    )
+    bd.add_argument("--folder", default="runs/bench_data", help="where the JPEGs are made once")
+    bd.add_argument("--img-size", type=int, default=224)
+    bd.add_argument("--count", type=int, default=200, help="JPEGs to time (500x375)")
+    bd.add_argument("--workers", type=int, default=None, help="default: all cores")
+    bd.add_argument("--config", "-c", help="also: loader rate / this config's training step rate")
+    bd.add_argument("overrides", nargs="*", help="for --config, e.g. train.batch_size=16")
+    bl = sub.add_parser(
+        "bench-loop", help="the harness's images/s next to a plain PyTorch loop's (A/B rounds)"
+    )
+    bl.add_argument("--config", "-c", required=True, help="a single-run config")
+    bl.add_argument("--steps", type=int, default=60)
+    bl.add_argument("--rounds", type=int, default=2)
+    bl.add_argument("--folder", default="runs/bench_loop", help="scratch folder for the runs")
+    bl.add_argument("overrides", nargs="*")
+    bdn = sub.add_parser(
+        "bench-dense", help="one ViTDet (windowed vs. global) and UperNet iteration: time, memory"
+    )
+    bdn.add_argument("--detection-size", type=int, default=1024)
+    bdn.add_argument("--segmentation-size", type=int, default=512)
+    bdn.add_argument("--depth", type=int, default=12)
+    bdn.add_argument("--cap-gib", type=float, default=18.0, help="memory cap per variant")
     bench = sub.add_parser("bench-step", help="time training steps (images/s, peak memory)")
     bench.add_argument("--config", "-c", required=True)
     bench.add_argument("--steps", type=int, default=10)
@@ -85,6 +109,15 @@ def _parser() -> argparse.ArgumentParser:
     cd.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     cd.add_argument("overrides", nargs="*")
     sub.add_parser("tasks", help="list the downstream tasks, their protocols and metrics")
+    recipes = sub.add_parser(
+        "recipes", help="every method's settings per protocol, each with its source"
+    )
+    recipes.add_argument("--method", action="append", help="one method (repeat for several)")
+    recipes.add_argument(
+        "--protocol", action="append", help="pretrain, finetune, linear or knn (repeatable)"
+    )
+    recipes.add_argument("--config", "-c", help="resolve against a preset (its values win)")
+    recipes.add_argument("--format", choices=("table", "csv"), default="table")
     methods = sub.add_parser("methods", help="list the masking methods that can be selected")
     methods.add_argument("--method-dir", action="append", default=[])
     return parser
@@ -126,10 +159,38 @@ def main(argv: list[str] | None = None) -> int:
                 when = "always" if task.always else f"when the config has a {task.name} section"
                 print(f"{task.name}: {metrics} ({when})")
             return 0
+        if args.command == "recipes":
+            from ropim.suite.recipes import format_card, recipe_card
+
+            card = recipe_card(args.method, args.protocol, args.config)
+            print(format_card(card, args.format), end="" if args.format == "csv" else "\n")
+            return 0
         if args.command == "compare":
             return _compare(args)
         if args.command == "bench-pretrain":
             return _bench_pretrain(args)
+        if args.command == "bench-data":
+            return _bench_data(args)
+        if args.command == "bench-loop":
+            return _bench_loop(args)
+        if args.command == "bench-dense":
+            from ropim.suite.bench_dense import bench_dense
+
+            for row in bench_dense(
+                detection_size=args.detection_size,
+                segmentation_size=args.segmentation_size,
+                depth=args.depth,
+                cap_gib=args.cap_gib,
+            ):
+                where = f"{row['variant']:<16} {row['image']} px, {row['depth']} blocks, batch 1:"
+                if "error" in row:
+                    print(f"{where} {row['error']}")
+                else:
+                    print(
+                        f"{where} {row['seconds']:.1f} s per iteration, peak {row['peak_mib']:.0f}"
+                        f" MiB (model and optimiser {row['model_mib']:.0f} MiB before it)"
+                    )
+            return 0
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "report":
@@ -235,6 +296,45 @@ def _evaluate(args: argparse.Namespace) -> int:
                         flush=True,
                     )
     print(f"rows appended to {args.results}")
+    return 0
+
+
+def _bench_data(args: argparse.Namespace) -> int:
+    from ropim.suite.bench_data import bench_data
+
+    rows = bench_data(args.folder, args.img_size, args.count, args.workers)
+    for row in rows:
+        print(
+            f"{row['path']:>5}: loader {row['loader_per_core']:.0f} img/s/core, decode-only "
+            f"{row['decode_per_core']:.0f} img/s/core, ratio {row['ratio']:.2f}; "
+            f"{row['workers']} workers {row['loader_total']:.0f} img/s"
+        )
+    if args.config:
+        from ropim.harness.config import load_config
+        from ropim.suite.bench import bench_step
+
+        step = bench_step(load_config(args.config, args.overrides), warmup=1, steps=2)
+        best = max(row["loader_total"] for row in rows)
+        print(
+            f"training step ({step['method']}, {step['model']}, batch {step['batch_size']}, "
+            f"{step['device_name']}): {step['images_per_s']:.0f} img/s; loader/step "
+            f"{best / step['images_per_s']:.2f}"
+        )
+    return 0
+
+
+def _bench_loop(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ropim.harness.config import load_config
+    from ropim.suite.bench import harness_vs_plain
+
+    cfg = load_config(args.config, args.overrides)
+    for row in harness_vs_plain(cfg, args.steps, Path(args.folder), args.rounds):
+        print(
+            f"round {row['round']}: harness {row['harness']:.0f} img/s, plain loop "
+            f"{row['plain']:.0f} img/s, harness/plain {row['ratio']:.2f}"
+        )
     return 0
 
 

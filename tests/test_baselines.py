@@ -10,7 +10,7 @@ from ropim.harness.errors import ConfigError
 from ropim.harness.patches import patchify
 from ropim.harness.pretrain import pretrain
 from ropim.harness.registry import available_methods, build_method
-from tests.conftest import TINY_CONFIG, tiny_backbone
+from tests.conftest import PROJECT_ROOT, TINY_CONFIG, tiny_backbone
 
 
 def _mae(**kw):
@@ -290,3 +290,45 @@ def test_recipe_schedules_clipping_and_min_lr_resolve_per_method():
         lrs.append(optimizer.param_groups[0]["lr"])
     assert lrs[5] < lrs[10] == pytest.approx(simmim.lr)  # warmup, then the full rate
     assert lrs[69] == pytest.approx(simmim.lr) and lrs[70] == pytest.approx(0.1 * simmim.lr)
+
+
+def test_published_recipe_mode_lets_each_method_keep_its_own_budget(tmp_path):
+    from ropim.suite.compare import plan_comparison
+
+    planned = {p.method: p.config for p in plan_comparison("configs/table2_published.yaml")}
+    assert (planned["ropim"].train.epochs, planned["mae"].train.epochs) == (300, 800)
+    assert planned["mae"].train.batch_size == 512 and planned["simmim"].train.batch_size == 256
+    assert planned["ropim"].model.name.startswith("beit")
+    assert planned["ropim"].model.kwargs["use_shared_rel_pos_bias"] is True
+    assert planned["mae"].model.name.startswith("vit")
+    own_model = COMPARE_CONFIG.replace(
+        "ropim: {method: {ratio: 0.25}}", "ropim: {method: {ratio: 0.25}, model: {patch_size: 4}}"
+    )
+    with pytest.raises(ConfigError, match="published_recipe also allows its own 'model'"):
+        plan_comparison(_compare_file(tmp_path, own_model))
+    published = own_model.replace("  name: cmp", "  name: cmp\n  mode: published_recipe")
+    assert {
+        p.config.model.patch_size for p in plan_comparison(_compare_file(tmp_path, published))
+    } == {4, 7}
+
+
+COMPARISON_PRESETS = sorted(
+    str(p)
+    for p in (PROJECT_ROOT / "configs").glob("*.yaml")
+    if "\ncompare:" in f"\n{p.read_text()}"
+)
+
+
+@pytest.mark.parametrize("preset", COMPARISON_PRESETS, ids=lambda p: p.rsplit("/", 1)[-1])
+def test_every_comparison_preset_builds_each_of_its_methods(preset):
+    """A preset's method settings must fit its model (SimMIM's blocks must tile the grid...):
+    caught here, not an hour into `make reproduce-table2`."""
+    from ropim.harness.pretrain import fill_from_recipe
+    from ropim.harness.registry import method_class
+    from ropim.harness.runtime import build_encoder
+    from ropim.suite.compare import plan_comparison
+
+    for run in plan_comparison(preset, ["model.kwargs.depth=1"]):
+        if run.pretrained:
+            fill_from_recipe(run.config, method_class(run.method).recipe)
+            build_method(run.config.method, build_encoder(run.config))

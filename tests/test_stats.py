@@ -108,3 +108,36 @@ def test_compare_tasks_restricts_which_configured_tasks_run():
     assert {t.name for t in configured_tasks({"segmentation": {}})} >= {"segmentation"}
     with pytest.raises(ConfigError, match="compare.tasks=.*detection"):
         configured_tasks(raw | {"compare": {"tasks": ["detection"]}})
+
+
+def test_equal_time_view_takes_each_runs_last_point_within_the_shortest_run():
+    from ropim.suite.report import equal_time_rows
+
+    def curve(method, seed, seconds, values):
+        return [
+            {
+                "method": method,
+                "seed": seed,
+                "step": i * 10,
+                "epoch": i,
+                "train_seconds": t,
+                "knn_cls": v,
+            }
+            for i, (t, v) in enumerate(zip(seconds, values, strict=True))
+        ]
+
+    curves = pd.DataFrame(
+        curve("ropim", 0, [0, 50, 100], [0.30, 0.40, 0.50])
+        + curve("mae", 0, [0, 30, 60, 90], [0.30, 0.35, 0.45, 0.55])
+        + curve("ropim", 1, [0, 40, 80], [0.31, 0.41, 0.45])
+    )
+    rows = equal_time_rows(curves, "knn_cls", ["ropim", "mae", "random_init"])
+    assert set(rows["seconds"]) == {80.0}  # the shortest run's total
+    got = {(r.method, r.seed): (round(r.value, 6), r.epoch) for r in rows.itertuples()}
+    assert got == {
+        ("ropim", 0): (40.0, 1),  # 50 s <= 80 s < 100 s
+        ("mae", 0): (45.0, 2),  # 60 s
+        ("ropim", 1): (45.0, 2),  # its own end
+        ("random_init", 0): (30.0, 0),  # step 0: the encoder before training
+        ("random_init", 1): (31.0, 0),
+    }

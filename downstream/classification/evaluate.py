@@ -4,7 +4,7 @@ fine-tune); returns the measurements, the suite writes them."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,11 +13,12 @@ import torch
 
 from downstream.classification.finetune import finetune_accuracy
 from downstream.classification.linear_probe import linear_probe_accuracy
-from downstream.classification.settings import ClassificationSettings
+from downstream.classification.settings import ClassificationSettings, settings_for_method
 from downstream.encoder import finetune_fingerprint, load_pretrained_encoder
 from ropim.harness.data import SeededViews, eval_transform, load_images
 from ropim.harness.knn import knn_accuracy
 from ropim.harness.probe import extract_features
+from ropim.harness.registry import available_methods, method_class
 from ropim.harness.tasks import TaskOutcome
 
 
@@ -28,13 +29,14 @@ def run_classification(
 ) -> TaskOutcome:
     """Run each configured protocol on the run's newest checkpoint."""
     backbone, cfg = load_pretrained_encoder(run_dir)
+    settings, sources = settings_for_method(settings, _protocol_recipes(cfg.method.get("name")))
     seed = cfg.run.seed
     transform = eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans)
     train_images = load_images(cfg.data, "train")
     val_images = load_images(cfg.data, "val")
     num_classes = len(_classes(train_images))
     measurements: list[tuple[str, str, float]] = []
-    details: dict[str, Any] = {"settings": asdict(settings)}
+    details: dict[str, Any] = {"settings": asdict(settings), "sources": sources}
 
     def add(protocol: str, metric: str, value: float) -> None:
         measurements.append((protocol, metric, value))
@@ -85,7 +87,9 @@ def run_classification(
             add("linear", "seconds", time.perf_counter() - start)
     if "finetune" in settings.protocols:
         start = time.perf_counter()
-        fresh, _ = load_pretrained_encoder(run_dir, drop_path=settings.finetune.drop_path)
+        fresh, _ = load_pretrained_encoder(  # a shared relative bias becomes per-layer copies
+            run_dir, drop_path=settings.finetune.drop_path, per_layer_bias=True
+        )
         result = finetune_accuracy(
             fresh,
             cfg,
@@ -101,6 +105,14 @@ def run_classification(
         add("finetune", "seconds", time.perf_counter() - start)
         details["finetune"] = result
     return TaskOutcome(measurements, details)
+
+
+def _protocol_recipes(method: str | None) -> Mapping[str, Any]:
+    """The run's method's published protocol recipes; none for the random-init floor or
+    imported weights (they take the adapter's defaults)."""
+    if not method or method not in available_methods():
+        return {}
+    return method_class(method).protocol_recipes
 
 
 def _classes(dataset: Any) -> list[str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 from ropim.harness.errors import ConfigError
 from ropim.harness.tasks import TaskSettings, TrainingSettings
@@ -58,6 +60,17 @@ class ClassificationSettings(TaskSettings):
     knn: KnnSettings = field(default_factory=KnnSettings)
     linear: LinearSettings = field(default_factory=LinearSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    # Keys the config set per protocol (they win over a method's published recipe); set by
+    # classification_settings, not a config key.
+    explicit: ClassVar[dict[str, set[str]]] = {}
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any] | None, section: str) -> ClassificationSettings:
+        settings = super().parse(raw, section)
+        settings.explicit = {  # type: ignore[misc]  # per instance, not a config key
+            protocol: set((raw or {}).get(protocol) or {}) for protocol in RECIPE_PROTOCOLS
+        }
+        return settings
 
     def check(self, section: str) -> None:
         unknown = sorted(set(self.protocols) - set(PROTOCOLS))
@@ -70,5 +83,42 @@ class ClassificationSettings(TaskSettings):
         self.finetune.check(f"{section}.finetune")
 
 
+# Where the adapter's own defaults come from (used where a method publishes no value).
+DEFAULT_SOURCES = {
+    "finetune": "suite default: MAE's fine-tune, facebookresearch/mae FINETUNE.md:113-125, "
+    "main_finetune.py:57-95",
+    "linear": "suite default: MAE's linear probe, facebookresearch/mae main_linprobe.py:44-66",
+    "knn": "suite default: DINO's weighted k-NN (Caron et al., ICCV 2021)",
+}
+RECIPE_PROTOCOLS = ("finetune", "linear", "knn")
+OPERATIONAL = {"log_every", "checkpoint_every", "num_workers"}  # how a run goes, not what it is
+
+
 def classification_settings(raw: dict[str, Any] | None) -> ClassificationSettings:
     return ClassificationSettings.parse(raw, "classification")
+
+
+def settings_for_method(
+    settings: ClassificationSettings, recipes: Mapping[str, Any]
+) -> tuple[ClassificationSettings, dict[str, dict[str, str]]]:
+    """``settings`` with the method's published protocol recipes filling every key the config
+    did not set; and the source of each resolved value, per protocol (the recipe card)."""
+    resolved = copy.deepcopy(settings)
+    sources: dict[str, dict[str, str]] = {}
+    for protocol in RECIPE_PROTOCOLS:
+        section = getattr(resolved, protocol)
+        recipe = recipes.get(protocol)
+        explicit = settings.explicit.get(protocol, set())
+        sources[protocol] = {}
+        for item in fields(section):
+            key = item.name
+            if key in explicit:
+                sources[protocol][key] = "config"
+            elif recipe is not None and key in recipe.values:
+                setattr(section, key, recipe.values[key])
+                sources[protocol][key] = recipe.source_of(key)
+            elif key in OPERATIONAL:
+                sources[protocol][key] = "suite setting (no effect on the result)"
+            else:
+                sources[protocol][key] = DEFAULT_SOURCES[protocol]
+    return resolved, sources

@@ -100,11 +100,17 @@ class CocoInstances(Dataset):
     """(image uint8 (3, H, W), target) with torchvision Mask R-CNN's target keys; labels are
     contiguous 1..K in the order of the category ids (0 is background)."""
 
-    def __init__(self, root: str | Path, split: str) -> None:
+    def __init__(self, root: str | Path, split: str, filter_empty: bool = False) -> None:
         self.ann_file = annotation_file(root, split)
         self.folder = image_folder(root, split, self.ann_file)
         self.coco = load_coco(self.ann_file)
         self.image_ids = sorted(self.coco.imgs)
+        if filter_empty:  # detectron2's training set: images with at least one non-crowd object
+            self.image_ids = [
+                i
+                for i in self.image_ids
+                if any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(i, []))
+            ]
         missing = [
             self.folder / self.coco.imgs[i]["file_name"]
             for i in self.image_ids

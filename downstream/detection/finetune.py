@@ -78,7 +78,7 @@ def finetune_detection(
 ) -> dict[str, Any]:
     run_dir = Path(run_dir)
     root, dataset_name = resolve_data(settings, run_dir)
-    train = CocoInstances(root, "train")
+    train = CocoInstances(root, "train", filter_empty=settings.filter_empty)
     val = CocoInstances(root, "val")
     encoder, cfg = load_pretrained_encoder(run_dir, drop_path=settings.drop_path)
     seed = cfg.run.seed
@@ -99,6 +99,9 @@ def finetune_detection(
         roi_batch_per_image=settings.roi_batch_per_image,
         score_threshold=settings.score_threshold,
         detections_per_image=settings.detections_per_image,
+        architecture=settings.architecture,
+        window_size=settings.window_size,
+        global_indices=settings.global_blocks,
     )
     fabric = make_fabric(cfg.train.accelerator, cfg.train.precision)
     optimizer = layer_decay_adamw(

@@ -1,7 +1,9 @@
-"""Mask R-CNN (torchvision's heads, RPN, RoIAlign and NMS) on ViTDet's simple feature pyramid:
+"""Mask R-CNN (torchvision's detector, RPN, heads and NMS) on ViTDet's simple feature pyramid:
 the last block's features rescaled x4, x2, x1, x0.5, each through 1x1 and 3x3 convolutions
 with LayerNorm, plus a stride-2 max-pool level for the RPN. Anchors are 8 strides wide on every
-level (32-512 px for a /16 ViT, as in ViTDet)."""
+level (32-512 px for a /16 ViT, as in ViTDet). ``architecture="vitdet"`` is the published
+model (window attention, decomposed relative position, ViTDet's widths and LayerNorm heads,
+aligned RoIAlign); ``"light"`` keeps global attention and torchvision's lighter heads."""
 
 from __future__ import annotations
 
@@ -13,10 +15,16 @@ from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import (
+    FastRCNNConvFCHead,
+    FastRCNNPredictor,
+    TwoMLPHead,
+)
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from downstream.detection.vitdet import AlignedRoIAlign, ViTDetPyramid, global_blocks
 from downstream.encoder import FineTunedViT
 from downstream.pyramid import ViTPyramid
 from ropim.harness.backbone import ViTBackbone
@@ -25,19 +33,24 @@ from ropim.harness.errors import ConfigError
 LEVELS = ("0", "1", "2", "3")
 
 
+ARCHITECTURES = ("vitdet", "light")
+
+
 class SimpleFeaturePyramid(nn.Module):
-    def __init__(self, backbone: ViTBackbone, channels: int) -> None:
+    """Pyramid levels → 1×1 and 3×3 convolutions with LayerNorm to ``channels``, plus a
+    stride-2 max-pool level (P6) for the RPN."""
+
+    def __init__(self, pyramid: nn.Module, channels: int) -> None:
         super().__init__()
-        self.pyramid = ViTPyramid(backbone, [len(backbone.vit.blocks) - 1], norm=LayerNorm2d)
-        dim = backbone.embed_dim
+        self.pyramid = pyramid
         self.outputs = nn.ModuleList(
             nn.Sequential(
-                nn.Conv2d(dim, channels, kernel_size=1, bias=False),
+                nn.Conv2d(width, channels, kernel_size=1, bias=False),
                 LayerNorm2d(channels),
                 nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
                 LayerNorm2d(channels),
             )
-            for _ in LEVELS
+            for width in pyramid.channels
         )
         self.out_channels = channels
         self.strides = [*self.pyramid.strides, self.pyramid.strides[-1] * 2]
@@ -47,6 +60,29 @@ class SimpleFeaturePyramid(nn.Module):
         features = OrderedDict(zip(LEVELS, levels, strict=True))
         features["pool"] = F.max_pool2d(levels[-1], kernel_size=1, stride=2)
         return features
+
+
+def _heads(architecture: str, channels: int, box_dim: int, mask_layers: list[int], anchors: int):
+    """RPN head, RoI poolers and box/mask heads. ``vitdet``: 2-conv RPN head, 4conv1fc box
+    head and 4-conv mask head with LayerNorm, aligned RoIAlign (detectron2's ViTDet);
+    ``light``: torchvision's 1-conv RPN head, two-MLP box head, mask head without norm and its
+    unaligned RoIAlign (cheap: the smoke preset)."""
+    if architecture == "vitdet":
+        return {
+            "rpn_head": RPNHead(channels, anchors, conv_depth=2),
+            "box_roi_pool": AlignedRoIAlign(LEVELS, output_size=7, sampling_ratio=0),
+            "box_head": FastRCNNConvFCHead(
+                (channels, 7, 7), [channels] * 4, [box_dim], norm_layer=LayerNorm2d
+            ),
+            "mask_roi_pool": AlignedRoIAlign(LEVELS, output_size=14, sampling_ratio=0),
+            "mask_head": MaskRCNNHeads(channels, mask_layers, 1, norm_layer=LayerNorm2d),
+        }
+    return {
+        "box_roi_pool": MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=0),
+        "box_head": TwoMLPHead(channels * 7 * 7, box_dim),
+        "mask_roi_pool": MultiScaleRoIAlign(list(LEVELS), output_size=14, sampling_ratio=0),
+        "mask_head": MaskRCNNHeads(channels, mask_layers, dilation=1),
+    }
 
 
 class ViTDetMaskRCNN(FineTunedViT):
@@ -69,6 +105,9 @@ class ViTDetMaskRCNN(FineTunedViT):
         roi_batch_per_image: int = 512,
         score_threshold: float = 0.05,
         detections_per_image: int = 100,
+        architecture: str = "vitdet",
+        window_size: int = 14,
+        global_indices: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         patch = backbone.patch_size
@@ -77,7 +116,15 @@ class ViTDetMaskRCNN(FineTunedViT):
                 f"detection needs a power-of-two patch size >= 4 (got {patch}): torchvision's "
                 f"RoIAlign infers each level's scale as a power of two"
             )
-        sfp = SimpleFeaturePyramid(backbone, fpn_channels)
+        if architecture not in ARCHITECTURES:
+            raise ConfigError(f"detection.architecture={architecture!r}: one of {ARCHITECTURES}")
+        if architecture == "vitdet":
+            depth = len(backbone.vit.blocks)
+            chosen = global_blocks(depth) if global_indices is None else list(global_indices)
+            pyramid: nn.Module = ViTDetPyramid(backbone, window_size, chosen)
+        else:
+            pyramid = ViTPyramid(backbone, [len(backbone.vit.blocks) - 1], norm=LayerNorm2d)
+        sfp = SimpleFeaturePyramid(pyramid, fpn_channels)
         anchors = AnchorGenerator(
             sizes=tuple((int(8 * s),) for s in sfp.strides),
             aspect_ratios=((0.5, 1.0, 2.0),) * len(sfp.strides),
@@ -97,15 +144,12 @@ class ViTDetMaskRCNN(FineTunedViT):
             rpn_pre_nms_top_n_test=rpn_pre_nms_top_n[1],
             rpn_post_nms_top_n_train=rpn_post_nms_top_n[0],
             rpn_post_nms_top_n_test=rpn_post_nms_top_n[1],
-            box_roi_pool=MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=0),
-            box_head=TwoMLPHead(fpn_channels * 7 * 7, box_head_dim),
             box_predictor=FastRCNNPredictor(box_head_dim, num_classes + 1),
             box_batch_size_per_image=roi_batch_per_image,
             box_score_thresh=score_threshold,
             box_detections_per_img=detections_per_image,
-            mask_roi_pool=MultiScaleRoIAlign(list(LEVELS), output_size=14, sampling_ratio=0),
-            mask_head=MaskRCNNHeads(fpn_channels, layers, dilation=1),
             mask_predictor=MaskRCNNPredictor(layers[-1], layers[-1], num_classes + 1),
+            **_heads(architecture, fpn_channels, box_head_dim, layers, 3),
         )
         self.num_classes = num_classes
 

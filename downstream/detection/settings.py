@@ -29,6 +29,10 @@ class DetectionSettings(TrainingSettings):
     warmup_iters: int = 250
     decay_at: list[float] = field(default_factory=lambda: [0.889, 0.963])  # share of training
     drop_path: float = 0.1
+    architecture: str = "vitdet"  # ViTDet's model; "light": global attention, lighter heads
+    window_size: int = 14  # vitdet: window attention in every block but the global ones
+    global_blocks: list[int] | None = None  # None: 2, 5, 8, 11 of 12, spread alike otherwise
+    filter_empty: bool = True  # leave images without annotations out of training (detectron2)
     fpn_channels: int = 256
     box_head_dim: int = 1024
     mask_head_layers: list[int] = field(default_factory=lambda: [256, 256, 256, 256])
@@ -52,6 +56,10 @@ class DetectionSettings(TrainingSettings):
                 "annotations/instances_{train,val}2017.json (make: COCO_DIR=...), or use "
                 "dataset=digit_scenes"
             )
+        if self.architecture not in ("vitdet", "light"):
+            raise ConfigError(f"{section}.architecture={self.architecture!r}: vitdet or light")
+        if self.window_size <= 0:
+            raise ConfigError(f"{section}.window_size={self.window_size} must be positive")
         low, high = self.scale_range
         if not 0 < low <= high:
             raise ConfigError(f"{section}.scale_range={self.scale_range} must be 0 < low <= high")

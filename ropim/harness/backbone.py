@@ -1,4 +1,6 @@
-"""The shared encoder: any timm VisionTransformer, split at the points masking methods need."""
+"""The shared encoder: a timm ``VisionTransformer`` or a BEiT-style timm ``Beit`` (no absolute
+position embedding, a shared or per-layer relative position bias, layer scale; ROPIM's and
+SimMIM's pre-training backbone), split at the points masking methods need."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -49,6 +52,10 @@ class ViTBackbone(nn.Module):
                 f"(e.g. {max(patch_size, img_size // patch_size * patch_size)})"
             )
         self.name = name
+        if name.startswith("beit"):
+            # Keep the final norm on the tokens (BEiT/SimMIM pre-training); timm's default for
+            # Beit moves it after average pooling, which the probes and methods do not use.
+            model_kwargs = {"use_fc_norm": False} | model_kwargs
         try:
             vit = timm.create_model(
                 name,
@@ -66,10 +73,10 @@ class ViTBackbone(nn.Module):
                 f"and model.kwargs={model_kwargs!r}: {exc}. It is not a plain timm "
                 f"VisionTransformer, or a kwarg is wrong."
             ) from None
-        if not isinstance(vit, VisionTransformer):
+        if not isinstance(vit, (VisionTransformer, Beit)):
             raise ConfigError(
-                f"model.name={name!r} builds a {type(vit).__name__}, not a plain timm "
-                f"VisionTransformer; choose a 'vit_*' model"
+                f"model.name={name!r} builds a {type(vit).__name__}, not a timm "
+                f"VisionTransformer or Beit; choose a 'vit_*' or 'beit_*' model"
             )
         self.vit = vit
         self.img_size = img_size
@@ -88,15 +95,36 @@ class ViTBackbone(nn.Module):
             )
         return self.vit.patch_embed(images)
 
+    @property
+    def relative_position(self) -> str | None:
+        """``"shared"`` (one table for all blocks), ``"per_layer"`` or None (absolute only)."""
+        if not isinstance(self.vit, Beit):
+            return None
+        if self.vit.rel_pos_bias is not None:
+            return "shared"
+        has_table = hasattr(self.vit.blocks[0].attn, "relative_position_bias_table")
+        return "per_layer" if has_table else None
+
     def add_position(self, tokens: Tensor) -> Tensor:
         """Prepend cls/register tokens and add position information to all N tokens."""
-        return self.vit._pos_embed(tokens)
+        vit = self.vit
+        if not isinstance(vit, Beit):
+            return vit._pos_embed(tokens)
+        x = torch.cat((vit.cls_token.expand(len(tokens), -1, -1), tokens), dim=1)
+        if vit.pos_embed is not None:
+            x = x + vit.pos_embed
+        return vit.pos_drop(x)
 
     def run_blocks(self, sequence: Tensor) -> Tensor:
         """Transformer blocks and final norm over a (possibly shortened) token sequence."""
-        x = self.vit.norm_pre(sequence)
-        x = self.vit.blocks(x)
-        return self.vit.norm(x)
+        vit = self.vit
+        if not isinstance(vit, Beit):
+            return vit.norm(vit.blocks(vit.norm_pre(sequence)))
+        shared = vit.rel_pos_bias() if vit.rel_pos_bias is not None else None
+        x = sequence
+        for block in vit.blocks:
+            x = block(x, shared_rel_pos_bias=shared)
+        return vit.norm(x)
 
     def encode(self, tokens: Tensor) -> Tensor:
         """Encoder output for the ``N`` patch tokens (prefix tokens dropped)."""

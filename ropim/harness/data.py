@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 
 from ropim.harness.config import DataSection
 from ropim.harness.errors import ConfigError, DataError
+from ropim.harness.fast_views import DecoderCropViews
 from ropim.harness.seeding import derive_seed, seeded_host_rngs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -268,3 +269,28 @@ def steps_per_epoch(num_items: int, batch_size: int, world_size: int = 1) -> int
             f"{world_size} device(s); lower train.batch_size"
         )
     return steps
+
+
+def _file_samples(dataset: Dataset) -> list[tuple[str, int]] | None:
+    """(path, label) per item of an image-folder dataset (or a subset of one); None otherwise."""
+    indices = None
+    if isinstance(dataset, torch.utils.data.Subset):
+        indices, dataset = list(dataset.indices), dataset.dataset
+    if not isinstance(dataset, ImageFolderImages):
+        return None
+    samples = [(str(path), int(label)) for path, label in dataset.inner.samples]
+    return samples if indices is None else [samples[i] for i in indices]
+
+
+def pretrain_views(cfg: DataSection, img_size: int, in_chans: int, seed: int) -> Dataset:
+    """The pre-training views of ``cfg``'s split: cropped in the JPEG decoder's space
+    (``data.decode: draft``, RGB image folders) or by torchvision on the full decode."""
+    images = load_images(cfg)
+    samples = _file_samples(images)
+    if cfg.decode == "draft" and in_chans == 3 and samples is not None:
+        views: Dataset = DecoderCropViews(
+            samples, img_size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, seed, cfg.interpolation
+        )
+        views.images = images  # type: ignore[attr-defined]  # what skipped_images reads
+        return views
+    return SeededViews(images, pretrain_transform(cfg, img_size, in_chans), seed)

@@ -26,10 +26,11 @@ from ropim.harness.data import (
     dataset_stats,
     eval_transform,
     load_images,
-    pretrain_transform,
+    pretrain_views,
     skipped_images,
 )
 from ropim.harness.errors import ConfigError
+from ropim.harness.fast_views import BatchNormalizer
 from ropim.harness.knn import knn_accuracy
 from ropim.harness.loop import Hooks, LoopPlan, StepLoss, plan_steps, train_loop
 from ropim.harness.methods import MaskingMethod, Recipe
@@ -56,6 +57,7 @@ class Pretraining:
     method: MaskingMethod
     settings: OptimSettings
     optimizer: torch.optim.Optimizer
+    normalize: BatchNormalizer  # uint8 batches (decoder-space crops) -> normalised floats
 
     def step_loss(self, seed: int) -> StepLoss:
         """The method's loss on a batch of views; its own randomness (sketches, masks) comes
@@ -63,7 +65,7 @@ class Pretraining:
         device, rank = self.fabric.device, self.fabric.global_rank
 
         def loss(model: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-            images = batch[0] if isinstance(batch, (list, tuple)) else batch
+            images = self.normalize(batch[0] if isinstance(batch, (list, tuple)) else batch)
             return model(images, make_generator(device, seed, "method", step, rank)), {}
 
         return loss
@@ -83,7 +85,8 @@ def set_up_pretraining(cfg: Config, method_dirs: tuple[str | Path, ...] = ()) ->
     fill_from_recipe(cfg, method_class(cfg.method.get("name", ""), method_dirs).recipe)
     method = build_method(cfg.method, build_encoder(cfg), method_dirs)
     settings = resolve(cfg.train, method.recipe, fabric.world_size)
-    return Pretraining(fabric, method, settings, build_optimizer(method, settings))
+    normalize = BatchNormalizer(*dataset_stats(cfg.data))
+    return Pretraining(fabric, method, settings, build_optimizer(method, settings), normalize)
 
 
 def pretrain(
@@ -105,11 +108,7 @@ def pretrain(
             f"{run_dir} already holds checkpoints; pass --resume to continue it, "
             f"or choose a new run.name"
         )
-    views = SeededViews(
-        load_images(cfg.data),
-        pretrain_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans),
-        cfg.run.seed,
-    )
+    views = pretrain_views(cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.run.seed)
     skipped = skipped_images(views.images)
     if skipped:
         fabric.print(
@@ -204,7 +203,8 @@ def pretrain(
         weights_sha256_per_rank=digests,
     )
     if rank0:
-        _write_reconstructions(cfg, method, fabric.device, run_dir)
+        if cfg.train.reconstruction_images:
+            _write_reconstructions(cfg, method, fabric.device, run_dir)
         if cfg.probe.enabled:
             record["probe"] = _run_probe(cfg, method, fabric)
         record["wall_time_s"] = time.perf_counter() - started

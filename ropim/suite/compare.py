@@ -34,7 +34,19 @@ BUDGET_KEYS = (
 # Each method's own recipe sets these (MAE: crops 0.2–1, no drop path); a comparison equalises
 # one only when compare.force_shared lists it (an ablation, recorded in the run's config).
 RECIPE_OWNED = ("data.crop_scale", "model.drop_path")
-COMPARE_KEYS = {"name", "scale", "seeds", "methods", "random_init", "force_shared", "tasks"}
+COMPARE_KEYS = {
+    "name",
+    "scale",
+    "seeds",
+    "methods",
+    "random_init",
+    "force_shared",
+    "tasks",
+    "mode",
+}
+# identical_budget: one shared budget (the headline). published_recipe: each method at its own
+# published backbone, epochs, batch and schedule, to reproduce its published numbers.
+MODES = ("identical_budget", "published_recipe")
 RANDOM_INIT = "random_init"  # the floor row: the shared encoder at its seeded initialisation
 # The optimiser values a method may set for itself (its published recipe).
 RECIPE_KEYS = {
@@ -148,6 +160,11 @@ def plan_comparison(
     if unknown:
         first = sorted(unknown)[0]
         raise ConfigError(f"unknown key compare.{first}; allowed: {sorted(COMPARE_KEYS)}")
+    mode = section.get("mode", MODES[0])
+    if mode not in MODES:
+        raise ConfigError(f"compare.mode={mode!r} in {path} must be one of {MODES}")
+    published = mode == "published_recipe"
+    own_sections = {"method", "train", "model", "data"} if published else {"method", "train"}
     _check_recipe_owned(raw, section.get("force_shared", []), path)
     seeds = section.get("seeds") or [raw.get("run", {}).get("seed", 0)]
     chosen = methods or list(section["methods"])
@@ -158,14 +175,15 @@ def plan_comparison(
     planned = []
     for method in chosen:
         own = section["methods"][method] or {}
-        extra = set(own) - {"method", "train"}
+        extra = set(own) - own_sections
         if extra:
             raise ConfigError(
                 f"compare.methods.{method}.{sorted(extra)[0]}: a method may only set its own "
-                f"'method' settings and its recipe under 'train'"
+                f"'method' settings and its recipe under 'train' (compare.mode="
+                f"published_recipe also allows its own 'model' and 'data')"
             )
         budget_keys = set(own.get("train") or {}) - RECIPE_KEYS
-        if budget_keys:
+        if budget_keys and not published:
             raise ConfigError(
                 f"compare.methods.{method}.train.{sorted(budget_keys)[0]} is part of the shared "
                 f"budget; set it once under train (a method may set: {sorted(RECIPE_KEYS)})"
@@ -173,7 +191,8 @@ def plan_comparison(
         for seed in seeds:
             run_raw = copy.deepcopy(raw)
             run_raw["method"] = {"name": method} | (own.get("method") or {})
-            run_raw.setdefault("train", {}).update(own.get("train") or {})
+            for part in ("train", "model", "data"):
+                run_raw.setdefault(part, {}).update(own.get(part) or {})
             run_raw.setdefault("run", {})
             run_raw["run"]["seed"] = seed
             run_raw["run"]["name"] = f"{method}_seed{seed}"
@@ -191,7 +210,8 @@ def plan_comparison(
             )
             config = load_config_dict(run_raw, f"{path} (random init, seed {seed})")
             planned.append(PlannedRun(RANDOM_INIT, seed, config, pretrained=False))
-    check_budget_parity({p.label: p.config for p in planned})
+    if not published:
+        check_budget_parity({p.label: p.config for p in planned})
     return planned
 
 

@@ -1,7 +1,9 @@
 """``ropim gpu-check``: one short, prepared check of the suite on a CUDA machine.
 
 1. each method's training step at paper scale (ViT-B/16, 224 px, the comparison's batch, bf16),
-   with each method's ablations and micro-benchmarks (``bench-pretrain``);
+   eager and with ``torch.compile``: images/s, FLOPs per step (``torch.utils.flop_counter``),
+   achieved TFLOP/s and MFU against the card's bf16 peak, peak memory, whether attention is
+   fused; with each method's ablations and micro-benchmarks (``bench-pretrain``);
 2. the one loop on the device: a tiny pre-training run straight, the same run killed after
    step 5 and resumed, and how far the two final weights are apart (GPU kernels such as
    atomic scatter-adds need not be bit-reproducible, so this is measured, not assumed);
@@ -93,7 +95,7 @@ def gpu_check(out_dir: str | Path, steps: int = 20) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"hardware": hardware(), "libraries": library_versions()}
     started = time.perf_counter()
-    rows = bench_pretrain(plan_comparison(PAPER_COMPARISON), steps=steps)
+    rows = bench_pretrain(plan_comparison(PAPER_COMPARISON), steps=steps, compiled=True)
     pd.DataFrame(rows).to_csv(out / "bench.csv", index=False)
     summary["bench"] = rows
     summary["bench_seconds"] = time.perf_counter() - started

@@ -166,6 +166,8 @@ def write_report(
     scale: str,
     header: str = "",
     curves: pd.DataFrame | None = None,
+    curve_metric: str = "knn_cls",
+    mode: str = "identical_budget",
 ) -> Path:
     """``table2_<scale>.md`` and ``.csv`` plus two figures; returns the markdown path."""
     out_dir = Path(out_dir)
@@ -175,7 +177,8 @@ def write_report(
     table.to_csv(out_dir / f"table2_{scale}.csv")
     rows = headline_rows(results, comparison, tasks)
     figures = _figures(rows, out_dir, scale) if len(rows) else []
-    lines = [f"# Table 2 ({scale}): {', '.join(methods)} under one budget", ""]
+    title = "under one budget" if mode == "identical_budget" else "each at its published recipe"
+    lines = [f"# Table 2 ({scale}): {', '.join(methods)} {title}", ""]
     if header:
         lines += [header, ""]
     lines += [table.to_markdown(), ""]
@@ -205,12 +208,16 @@ def write_report(
         ]
         lines.append("")
     if curves is not None and len(curves):
-        figures.append(_learning_curves(curves, out_dir, scale))
+        metric = curve_metric if curve_metric in curves else _first_knn(curves)
+        figures.append(_learning_curves(curves, out_dir, scale, metric))
         lines += [
-            "Learning curves: k-NN top-1 on the validation split during pre-training (probe."
-            "knn_every), one line per seed, against epochs and against training seconds.",
+            f"Learning curves: k-NN top-1 ({metric.removeprefix('knn_')} features) on the "
+            "validation split during pre-training (probe.knn_every; step 0 is the encoder "
+            "before training, the random-init floor), one line per seed, against epochs and "
+            "against training seconds.",
             "",
         ]
+        lines += _equal_time_section(curves, metric, methods, out_dir, scale)
     lines += [f"![{name}]({name})" for name in figures]
     path = out_dir / f"table2_{scale}.md"
     path.write_text("\n".join(lines) + "\n")
@@ -239,9 +246,70 @@ def _paired_section(
     ]
 
 
-def _learning_curves(curves: pd.DataFrame, out_dir: Path, scale: str) -> str:
+def _first_knn(curves: pd.DataFrame) -> str:
+    return next(c for c in curves.columns if str(c).startswith("knn_"))
+
+
+def equal_time_rows(curves: pd.DataFrame, metric: str, methods: list[str]) -> pd.DataFrame:
+    """Each pre-trained run's k-NN at the training time every run reached (the least total
+    training seconds of any run): its last monitor point at or before that time, never an
+    interpolation. The random-init floor is each seed's step-0 point (the shared encoder
+    before training). Columns: method, seed, measure, value (%), epoch, seconds."""
+    budget = float(curves.groupby(["method", "seed"])["train_seconds"].max().min())
+    reached = curves[curves["train_seconds"] <= budget + 1e-9].sort_values("train_seconds")
+    rows = reached.groupby(["method", "seed"]).tail(1)
+    if RANDOM_INIT in methods:
+        first = curves[curves["method"] == curves["method"].iloc[0]]
+        floor = first[first["step"] == 0].assign(method=RANDOM_INIT)
+        rows = pd.concat([rows, floor], ignore_index=True)
+    measure = f"k-NN top-1 at {budget:.0f} s (%)"
+    return rows.assign(measure=measure, value=rows[metric] * 100, seconds=budget)[
+        ["method", "seed", "measure", "value", "epoch", "seconds"]
+    ]
+
+
+def _equal_time_section(
+    curves: pd.DataFrame, metric: str, methods: list[str], out_dir: Path, scale: str
+) -> list[str]:
+    """The equal-time view beside the equal-epoch table: what each method reached after the
+    same pre-training seconds, with paired differences as in the main table."""
+    rows = equal_time_rows(curves, metric, methods)
+    if rows.empty:
+        return []
+    measure = rows["measure"].iloc[0]
+    present = [m for m in methods if m in set(rows["method"])]
+    summary = rows.groupby("method").agg(
+        value=("value", "mean"), sd=("value", "std"), n=("value", "size"), epoch=("epoch", "mean")
+    )
+    table = pd.DataFrame(
+        {
+            measure: [
+                _cell(summary.loc[m].rename({"value": "mean", "sd": "std", "n": "count"}))
+                for m in present
+            ],
+            "pre-training epochs reached": [f"{summary.loc[m, 'epoch']:.1f}" for m in present],
+        },
+        index=pd.Index(present, name="method"),
+    )
+    table.to_csv(out_dir / f"table2_{scale}_equal_time.csv")
+    references = [*present[:1], *[m for m in present[1:] if m == RANDOM_INIT]]
+    paired, differences = paired_table(rows, present, references, [measure])
+    return [
+        f"Equal time: the same comparison after {rows['seconds'].iloc[0]:.0f} s of pre-training "
+        "(the shortest run's total), from the k-NN curves: each run's last monitor point at or "
+        "before that time. Methods that are cheaper per epoch have seen more epochs.",
+        "",
+        table.to_markdown(),
+        "",
+        paired.to_markdown(),
+        "",
+        *summary_sentences(differences),
+        "",
+    ]
+
+
+def _learning_curves(curves: pd.DataFrame, out_dir: Path, scale: str, metric: str) -> str:
     """k-NN monitor against epochs and against seconds, per method and seed."""
-    metric = "knn_avg" if "knn_avg" in curves else "knn_cls"
     long = pd.concat(
         [
             curves.assign(axis="pre-training epochs", x=curves["epoch"]),

@@ -66,9 +66,29 @@ def make_report(
     header = (
         f"Produced by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d} "
         f"({os.cpu_count()} CPU cores, {platform.machine()}, code {code_version()['git_commit']}). "
-        f"Same backbone, data, augmentation, batch and epochs for every method; each keeps its "
-        f"own masking, loss and optimiser recipe (see each run's run.json)."
     )
+    if section.get("mode") == "published_recipe":
+        header += (
+            "Each method at its own published backbone, epochs, batch and schedule "
+            "(compare.mode=published_recipe): compare each row with its published value, not "
+            "the rows with each other; `ropim recipes` lists every setting with its source."
+        )
+    else:
+        header += (
+            "Same backbone, data, flips, batch and epochs for every method; each keeps its own "
+            "masking, loss, optimiser, schedule, crop scale and drop path (its published recipe, "
+            "in each run's run.json and config.yaml; `ropim recipes` lists them with sources)."
+        )
+    forced = section.get("force_shared") or []
+    if forced:
+        header += f" Equalised for all methods here (compare.force_shared): {', '.join(forced)}."
+    left_out = [t.name for t in all_tasks() if t.name in raw and t not in configured_tasks(raw)]
+    if left_out:
+        header += (
+            f" Configured but not run in this preset (compare.tasks): {', '.join(left_out)};"
+            f" the preset's comments say why."
+        )
+    feature = (raw.get("classification") or {}).get("feature", "cls")
     curves = learning_curves(planned)
     path = write_report(
         read_results(results_path),
@@ -80,6 +100,8 @@ def make_report(
         section.get("scale") or Path(config_path).stem,
         header,
         curves,
+        curve_metric=f"knn_{feature}",
+        mode=section.get("mode", "identical_budget"),
     )
     print(f"report: {path}")
     return path

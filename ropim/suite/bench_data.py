@@ -1,0 +1,121 @@
+"""Data-path speed: how fast the pre-training views of JPEGs are made, per core and with
+workers, against the JPEG decoder alone and against the training step they must feed.
+
+The JPEGs are made once, at ImageNet's typical 500×375 from the bundled digits (each a digit
+scaled up onto a tinted, noisy canvas, quality 90), so the benchmark needs no download.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ropim.harness.config import DataSection
+from ropim.harness.data import load_images, pretrain_views
+
+JPEG_SIZE = (500, 375)  # ImageNet's most common size
+
+
+def make_jpeg_folder(folder: str | Path, count: int = 200, classes: int = 4) -> Path:
+    """``<folder>/train/<class>/<i>.jpg`` at 500×375; reused when already complete."""
+    root = Path(folder)
+    done = root / "complete.txt"
+    if done.is_file() and done.read_text() == f"{count} {classes}":
+        return root
+    digits = load_images(DataSection(dataset="mnist"), "train")
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels, _ = digits[index]
+        digit = Image.fromarray(pixels.squeeze(0).numpy()).resize((300, 300), Image.BICUBIC)
+        tint = rng.uniform(40, 200, size=3)
+        canvas = rng.normal(0, 25, size=(JPEG_SIZE[1], JPEG_SIZE[0], 3)) + tint
+        ys = np.linspace(0, 1, JPEG_SIZE[1])[:, None, None]
+        canvas += 60 * ys * rng.uniform(-1, 1, size=3)  # a smooth gradient, like a backdrop
+        left, top = rng.integers(0, JPEG_SIZE[0] - 300), rng.integers(0, JPEG_SIZE[1] - 300)
+        ink = np.asarray(digit, dtype=np.float64)[..., None] / 255
+        region = canvas[top : top + 300, left : left + 300]
+        canvas[top : top + 300, left : left + 300] = region * (1 - ink) + 255 * ink
+        out = root / "train" / f"class{index % classes}" / f"{index:05d}.jpg"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(canvas.clip(0, 255).astype(np.uint8)).save(out, quality=90)
+    done.write_text(f"{count} {classes}")
+    return root
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / max(seconds, 1e-9)
+
+
+def decode_rate(paths: list[str]) -> float:
+    """Images/s of the decoder alone (Pillow, full size, RGB) in this process."""
+    start = time.perf_counter()
+    for path in paths:
+        with Image.open(path) as image:
+            image.convert("RGB").load()
+    return _rate(len(paths), time.perf_counter() - start)
+
+
+def view_rate(data: DataSection, img_size: int, seed: int = 0) -> float:
+    """Images/s of the pre-training views (one core, this process): decode, crop, resize and,
+    on the ``full`` path, conversion and normalisation per image."""
+    views = pretrain_views(data, img_size, 3, seed)
+    start = time.perf_counter()
+    for index in range(len(views)):
+        views[index]
+    return _rate(len(views), time.perf_counter() - start)
+
+
+def loader_rate(data: DataSection, img_size: int, workers: int, batch_size: int = 64) -> float:
+    """Images/s through a DataLoader with ``workers`` processes (two passes, the second
+    timed, so worker start-up is not counted)."""
+    views = pretrain_views(data, img_size, 3, 0)
+    loader = DataLoader(
+        views, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0
+    )
+    for _ in loader:
+        pass
+    start = time.perf_counter()
+    seen = sum(len(batch[1]) for batch in loader)
+    return _rate(seen, time.perf_counter() - start)
+
+
+def bench_data(
+    folder: str | Path, img_size: int = 224, count: int = 200, workers: int | None = None
+) -> list[dict[str, Any]]:
+    """Rows per decode path (``full``, ``draft``): views/s on one core, the decoder alone on
+    one core, their ratio, and views/s with ``workers`` loader processes."""
+    root = make_jpeg_folder(folder, count)
+    workers = workers or torch.multiprocessing.cpu_count()
+    paths = sorted(str(p) for p in (root / "train").rglob("*.jpg"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core: one process, one thread
+    try:
+        decode_rate(paths[:20])  # warm the file cache
+        decoded = decode_rate(paths)
+        rows = []
+        for decode in ("full", "draft"):
+            # MAE's crop range (0.2-1): smaller crops than ROPIM's and SimMIM's 0.67-1.
+            data = DataSection(
+                dataset="imagefolder", root=str(root), decode=decode, crop_scale=[0.2, 1.0]
+            )
+            per_core = view_rate(data, img_size)
+            rows.append(
+                {
+                    "path": decode,
+                    "img_size": img_size,
+                    "loader_per_core": per_core,
+                    "decode_per_core": decoded,
+                    "ratio": per_core / decoded,
+                    "workers": workers,
+                    "loader_total": loader_rate(data, img_size, workers),
+                }
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return rows

@@ -1,0 +1,87 @@
+"""What one training iteration of the dense tasks costs at paper scale on this machine: ViTDet's
+ViT-B/16 encoder and pyramid at 1024 px (batch 1) with window attention as published against
+global attention in every block, and UperNet on ViT-B/16 at 512 px.
+
+Each variant runs in its own process (peak resident memory is per process) under a memory cap,
+so a variant that does not fit ends as "out of memory" instead of swapping the machine. Heads
+that are the same in both ViTDet variants (RPN, RoI heads) are left out: the iteration is the
+encoder + pyramid forward and backward with an AdamW step.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import time
+from typing import Any
+
+import torch
+
+from ropim.harness.backbone import ViTBackbone
+
+VARIANTS = ("vitdet_windowed", "vitdet_global", "upernet")
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _build(variant: str, image: int, depth: int) -> tuple[torch.nn.Module, Any]:
+    from downstream.detection.vitdet import ViTDetPyramid, global_blocks
+
+    torch.manual_seed(0)
+    kwargs = {"depth": depth, "dynamic_img_size": True}
+    backbone = ViTBackbone("vit_base_patch16_224", image, 16, drop_path=0.1, **kwargs)
+    if variant == "upernet":
+        from downstream.pyramid import ViTPyramid, default_out_indices
+        from downstream.segmentation.model import UperNetSegmenter
+
+        pyramid = ViTPyramid(backbone, default_out_indices(depth))
+        model = UperNetSegmenter(pyramid, 150)  # ADE20K's classes, 768/256-channel heads
+        return model, lambda out: out["logits"].mean()
+    windowed = variant == "vitdet_windowed"
+    chosen = global_blocks(depth) if windowed else list(range(depth))
+    model = ViTDetPyramid(backbone, 14, chosen)
+    return model, lambda out: sum(level.mean() for level in out)
+
+
+def _iteration(variant: str, image: int, depth: int, cap_gib: float, queue: Any) -> None:
+    cap = int(cap_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    try:
+        model, loss_of = _build(variant, image, depth)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        images = torch.randn(1, 3, image, image)
+        built = _peak_mib()
+        start = time.perf_counter()
+        loss = loss_of(model(images))
+        loss.backward()
+        optimizer.step()
+        seconds = time.perf_counter() - start
+        queue.put({"seconds": seconds, "peak_mib": _peak_mib(), "model_mib": built})
+    except (MemoryError, RuntimeError) as exc:
+        queue.put({"error": f"out of memory under a {cap_gib:g} GiB cap ({type(exc).__name__})"})
+
+
+def bench_dense(
+    variants: tuple[str, ...] = VARIANTS,
+    detection_size: int = 1024,
+    segmentation_size: int = 512,
+    depth: int = 12,
+    cap_gib: float = 18.0,
+) -> list[dict[str, Any]]:
+    """One row per variant: seconds for one iteration, peak resident memory of its process."""
+    context = mp.get_context("spawn")
+    rows = []
+    for variant in variants:
+        image = segmentation_size if variant == "upernet" else detection_size
+        queue = context.Queue()
+        process = context.Process(target=_iteration, args=(variant, image, depth, cap_gib, queue))
+        process.start()
+        try:
+            result = queue.get(timeout=3600)
+        except Exception:  # the process died before reporting (e.g. killed)
+            result = {"error": f"exit {process.exitcode}"}
+        process.join()
+        rows.append({"variant": variant, "image": image, "depth": depth} | result)
+    return rows

@@ -1,0 +1,101 @@
+"""Decoder-space crops: deterministic per (seed, epoch, index), torchvision's crop rule, close
+to a full decode, normalised per batch as the per-image path does; and the speed benchmarks
+run end to end on a few images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from ropim.harness.config import DataSection, load_config
+from ropim.harness.data import SeededViews, pretrain_views
+from ropim.harness.fast_views import BatchNormalizer, DecoderCropViews, crop_box, decode_crop
+from ropim.suite.bench_data import bench_data, make_jpeg_folder
+from tests.conftest import TINY_CONFIG
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory):
+    return make_jpeg_folder(tmp_path_factory.mktemp("jpegs"), count=8)
+
+
+def _samples(root):
+    paths = sorted((root / "train").rglob("*.jpg"))
+    return [(str(p), int(p.parent.name.removeprefix("class"))) for p in paths]
+
+
+def test_crop_box_follows_the_scale_and_ratio_and_the_generator():
+    g = torch.Generator().manual_seed(0)
+    assert crop_box(300, 300, (1.0, 1.0), (1.0, 1.0), g) == (0, 0, 300, 300)
+    for _ in range(200):
+        left, top, w, h = crop_box(500, 375, (0.2, 1.0), (3 / 4, 4 / 3), g)
+        assert 0 <= left and left + w <= 500 and 0 <= top and top + h <= 375
+        assert 0.2 * 500 * 375 * 0.9 <= w * h <= 500 * 375
+    a = crop_box(500, 375, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(5))
+    b = crop_box(500, 375, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(5))
+    assert a == b
+
+
+def test_views_are_a_function_of_seed_epoch_and_index(jpegs):
+    def views(seed):
+        return DecoderCropViews(_samples(jpegs), 32, (0.2, 1.0), (3 / 4, 4 / 3), 0.5, seed)
+
+    first, again, other = views(0), views(0), views(1)
+    image, label = first[3]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32) and label in range(4)
+    assert torch.equal(image, again[3][0]) and not torch.equal(image, other[3][0])
+    again.set_epoch(1)
+    assert not torch.equal(image, again[3][0])
+    first.set_epoch(1)
+    assert torch.equal(first[3][0], again[3][0])
+
+
+def test_a_reduced_decode_stays_close_to_the_full_decode(jpegs):
+    path = _samples(jpegs)[0][0]
+    # The whole 500x375 image to 64 px: decoded at 1/4 scale (93 px tall, still >= 64).
+    fast = decode_crop(path, 64, (1.0, 1.0), (4 / 3, 4 / 3), 0.0, torch.Generator())
+    with Image.open(path) as image:
+        full = np.asarray(image.convert("RGB").resize((64, 64), Image.BICUBIC))
+    assert fast.shape == (64, 64, 3)
+    assert np.abs(fast.astype(float) - full).mean() < 4.0  # of 255 levels
+
+
+def test_batch_normalisation_equals_the_per_image_path():
+    pixels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    per_image = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    expected = torch.stack([per_image(p) for p in pixels])
+    torch.testing.assert_close(BatchNormalizer(mean, std)(pixels), expected)
+    floats = torch.randn(2, 3, 4, 4)
+    assert BatchNormalizer(mean, std)(floats) is floats
+
+
+def test_the_decode_setting_picks_the_path(jpegs):
+    folder = DataSection(dataset="imagefolder", root=str(jpegs), crop_scale=[0.2, 1.0])
+    assert isinstance(pretrain_views(folder, 32, 3, 0), DecoderCropViews)
+    folder.decode = "full"
+    assert isinstance(pretrain_views(folder, 32, 3, 0), SeededViews)
+    digits = DataSection(dataset="mnist", crop_scale=[0.67, 1.0], limit=16)
+    assert isinstance(pretrain_views(digits, 28, 3, 0), SeededViews)  # tensors: no JPEG
+
+
+def test_bench_data_measures_both_paths(jpegs):
+    rows = bench_data(jpegs, img_size=32, count=8, workers=1)
+    assert [r["path"] for r in rows] == ["full", "draft"]
+    assert all(r["loader_per_core"] > 0 and r["decode_per_core"] > 0 for r in rows)
+    assert all(
+        r["ratio"] == pytest.approx(r["loader_per_core"] / r["decode_per_core"]) for r in rows
+    )
+
+
+def test_harness_and_plain_loop_are_timed_on_the_same_work(tmp_path):
+    from ropim.suite.bench import harness_vs_plain
+
+    cfg = load_config(TINY_CONFIG)
+    (row,) = harness_vs_plain(cfg, steps=4, folder=tmp_path, rounds=1)
+    assert row["harness"] > 0 and row["plain"] > 0
+    assert row["ratio"] == pytest.approx(row["harness"] / row["plain"])
+    assert not any(tmp_path.iterdir())  # the scratch runs are removed
