@@ -22,14 +22,12 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from ropim.harness.config import Config
-from ropim.harness.data import dataset_stats, load_images, pretrain_views
-from ropim.harness.fast_views import BatchNormalizer
+from ropim.harness.data import load_images, pretrain_views
 from ropim.harness.loop import TrainStep
-from ropim.harness.optim import build_optimizer, pretrain_scheduler, resolve
-from ropim.harness.pretrain import Pretraining, fill_from_recipe, pretrain, set_up_pretraining
+from ropim.harness.optim import pretrain_scheduler
+from ropim.harness.pretrain import Pretraining, pretrain, set_up_pretraining
 from ropim.harness.records import hardware
-from ropim.harness.registry import build_method, method_class
-from ropim.harness.runtime import build_encoder, resolve_device, synchronize
+from ropim.harness.runtime import resolve_device, synchronize
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for MFU.
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
@@ -167,15 +165,17 @@ def bench_pretrain(
 def plain_loop_rate(cfg: Config, steps: int) -> float:
     """Images/s of the shortest honest PyTorch loop over the same work as the harness: the same
     model, method loss, optimiser, schedule, clipping, views and batch, and nothing else (no
-    Fabric, per-step seeding, logging, progress or checkpoints). The yardstick for the
+    Fabric wrapping, per-step seeding, logging, progress or checkpoints). The yardstick for the
     harness's overhead; it lives here, not in the harness."""
     cfg = copy.deepcopy(cfg)
-    fill_from_recipe(cfg, method_class(cfg.method["name"]).recipe)
-    method = build_method(cfg.method, build_encoder(cfg))
-    settings = resolve(cfg.train, method.recipe, 1)
-    optimizer = build_optimizer(method, settings)
+    setup = set_up_pretraining(cfg)  # the same method, optimiser and batch normalisation
+    method, optimizer, settings, normalize = (
+        setup.method,
+        setup.optimizer,
+        setup.settings,
+        setup.normalize,
+    )
     scheduler = pretrain_scheduler(optimizer, settings, steps, 0)
-    normalize = BatchNormalizer(*dataset_stats(cfg.data))
     views = pretrain_views(cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.run.seed)
     loader = DataLoader(
         views,

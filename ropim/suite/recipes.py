@@ -18,21 +18,13 @@ from downstream.classification.settings import ClassificationSettings, settings_
 from ropim.harness.config import read_yaml
 from ropim.harness.errors import ConfigError
 from ropim.harness.registry import available_methods, method_class
-from ropim.suite.compare import RECIPE_OWNED
+from ropim.suite.compare import RECIPE_KEYS, RECIPE_OWNED
 
 PROTOCOLS = ("pretrain", "finetune", "linear", "knn")
 CARD_COLUMNS = ["method", "protocol", "key", "value", "source"]
-# Config keys that override a pre-training recipe value of the same name.
-_TRAIN_KEYS = (
-    "base_lr",
-    "lr_batch_divisor",
-    "warmup_epochs",
-    "betas",
-    "weight_decay",
-    "clip_grad",
-    "schedule",
-    "decay_at",
-)
+# Config keys that override a pre-training recipe value of the same name: those a method may
+# set in a comparison, and the schedule.
+_TRAIN_KEYS = (*sorted(RECIPE_KEYS), "schedule", "decay_at")
 
 
 def _pretrain_rows(method: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
