@@ -61,11 +61,13 @@ class MAE(MaskingMethod):
         base_min_lr=0.0,
         crop_scale=(0.2, 1.0),
         drop_path=0.0,
+        interpolation="bicubic",
         source="facebookresearch/mae PRETRAIN.md:9-18, main_pretrain.py:163-180",
         sources={
             "clip_grad": "mae engine_pretrain.py:47,57 (no clipping)",
             "base_min_lr": "mae main_pretrain.py (min_lr default 0)",
             "crop_scale": "mae main_pretrain.py:124",
+            "interpolation": "mae main_pretrain.py:124 (interpolation=3, bicubic)",
             "drop_path": "mae models_mae.py:39-41 (encoder blocks without drop path)",
         },
     )

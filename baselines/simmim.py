@@ -54,6 +54,7 @@ class SimMIM(MaskingMethod):
         decay_rate=0.1,
         crop_scale=(0.67, 1.0),
         drop_path=0.1,
+        interpolation="bilinear",
         source="microsoft/SimMIM configs/vit_base__800ep/"
         "simmim_pretrain__vit_base__img224__800ep.yaml",
         sources={
@@ -66,6 +67,7 @@ class SimMIM(MaskingMethod):
             "decay_rate": f"SimMIM {PRETRAIN_YAML}:25",
             "crop_scale": "SimMIM data/data_simmim.py:52",
             "drop_path": f"SimMIM {PRETRAIN_YAML}:4",
+            "interpolation": "SimMIM data/data_simmim.py:52 (torchvision's default, bilinear)",
         },
     )
     protocol_recipes = {

@@ -248,11 +248,14 @@ def test_each_method_pretrains_with_its_own_recipe_unless_forced_shared(tmp_path
     planned = plan_comparison(_compare_file(tmp_path))
     for run in planned:
         fill_from_recipe(run.config, method_class(run.method).recipe)
-    scales = {p.method: (p.config.data.crop_scale, p.config.model.drop_path) for p in planned}
+    scales = {
+        p.method: (p.config.data.crop_scale, p.config.data.interpolation, p.config.model.drop_path)
+        for p in planned
+    }
     assert scales == {
-        "ropim": ([0.67, 1.0], 0.1),
-        "mae": ([0.2, 1.0], 0.0),
-        "simmim": ([0.67, 1.0], 0.1),
+        "ropim": ([0.67, 1.0], "bilinear", 0.1),
+        "mae": ([0.2, 1.0], "bicubic", 0.0),
+        "simmim": ([0.67, 1.0], "bilinear", 0.1),
     }
 
     shared = COMPARE_CONFIG.replace("data: {", "data: {crop_scale: [0.5, 1.0], ")

@@ -28,7 +28,8 @@ def test_limit_takes_a_fixed_subset_spanning_the_classes():
 
 def test_views_are_a_function_of_seed_epoch_and_index():
     images = load_images(DataSection(dataset="mnist", limit=8))
-    transform = pretrain_transform(DataSection(crop_scale=[0.67, 1.0]), 28, 3)
+    view = DataSection(crop_scale=[0.67, 1.0], interpolation="bilinear")
+    transform = pretrain_transform(view, 28, 3)
     views = SeededViews(images, transform, seed=1)
     a = views[3][0]
     torch.manual_seed(123)  # global RNG state must not matter
@@ -68,7 +69,9 @@ def test_image_folder_reads_images_and_names_a_corrupt_file(tmp_path):
         Image.new("RGB", (40, 30), color=(10, 200, 30)).save(folder / "a.jpg")
     images = load_images(DataSection(dataset="imagefolder", root=str(tmp_path)))
     views = SeededViews(
-        images, pretrain_transform(DataSection(crop_scale=[0.67, 1.0]), 32, 3), seed=0
+        images,
+        pretrain_transform(DataSection(crop_scale=[0.67, 1.0], interpolation="bilinear"), 32, 3),
+        seed=0,
     )
     assert len(views) == 2 and views[0][0].shape == (3, 32, 32)
     bad = tmp_path / "train" / "dog" / "b.jpg"

@@ -12,6 +12,7 @@ from torchvision.transforms import v2
 
 from ropim.harness.config import DataSection, load_config
 from ropim.harness.data import SeededViews, pretrain_views
+from ropim.harness.errors import DataError
 from ropim.harness.fast_views import BatchNormalizer, DecoderCropViews, crop_box, decode_crop
 from ropim.suite.bench_data import bench_data, make_jpeg_folder
 from tests.conftest import TINY_CONFIG
@@ -55,12 +56,33 @@ def test_views_are_a_function_of_seed_epoch_and_index(jpegs):
 
 def test_a_reduced_decode_stays_close_to_the_full_decode(jpegs):
     path = _samples(jpegs)[0][0]
-    # The whole 500x375 image to 64 px: decoded at 1/4 scale (93 px tall, still >= 64).
-    fast = decode_crop(path, 64, (1.0, 1.0), (4 / 3, 4 / 3), 0.0, torch.Generator())
     with Image.open(path) as image:
-        full = np.asarray(image.convert("RGB").resize((64, 64), Image.BICUBIC))
-    assert fast.shape == (64, 64, 3)
-    assert np.abs(fast.astype(float) - full).mean() < 4.0  # of 255 levels
+        full = image.convert("RGB")
+    for size in (64, 256):  # 64: decoded at 1/4 scale (94 px tall, still >= 64); 256: full
+        fast = decode_crop(path, size, (1.0, 1.0), (4 / 3, 4 / 3), 0.0, torch.Generator())
+        reference = np.asarray(full.resize((size, size), Image.BICUBIC))
+        assert fast.dtype == torch.uint8 and fast.shape == (3, size, size)
+        error = np.abs(fast.permute(1, 2, 0).numpy().astype(float) - reference).mean()
+        assert error < 4.0  # of 255 levels
+
+
+def test_files_libjpeg_turbo_cannot_read_go_through_pillow(tmp_path, jpegs):
+    path = _samples(jpegs)[0][0]
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    png = tmp_path / "really_a_png.jpg"
+    rgb.save(png, format="PNG")
+    cmyk = tmp_path / "cmyk.jpg"
+    rgb.convert("CMYK").save(cmyk, quality=95)
+    expected = decode_crop(path, 48, (1.0, 1.0), (4 / 3, 4 / 3), 0.0, torch.Generator())
+    for other in (png, cmyk):
+        view = decode_crop(str(other), 48, (1.0, 1.0), (4 / 3, 4 / 3), 0.0, torch.Generator())
+        assert view.shape == (3, 48, 48)
+        assert (view.float() - expected.float()).abs().mean() < 6.0
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="broken.jpg"):
+        decode_crop(str(broken), 48, (1.0, 1.0), (1.0, 1.0), 0.0, torch.Generator())
 
 
 def test_batch_normalisation_equals_the_per_image_path():
@@ -74,17 +96,22 @@ def test_batch_normalisation_equals_the_per_image_path():
 
 
 def test_the_decode_setting_picks_the_path(jpegs):
-    folder = DataSection(dataset="imagefolder", root=str(jpegs), crop_scale=[0.2, 1.0])
+    folder = DataSection(
+        dataset="imagefolder", root=str(jpegs), crop_scale=[0.2, 1.0], interpolation="bicubic"
+    )
     assert isinstance(pretrain_views(folder, 32, 3, 0), DecoderCropViews)
     folder.decode = "full"
     assert isinstance(pretrain_views(folder, 32, 3, 0), SeededViews)
-    digits = DataSection(dataset="mnist", crop_scale=[0.67, 1.0], limit=16)
+    digits = DataSection(
+        dataset="mnist", crop_scale=[0.67, 1.0], interpolation="bilinear", limit=16
+    )
     assert isinstance(pretrain_views(digits, 28, 3, 0), SeededViews)  # tensors: no JPEG
 
 
 def test_bench_data_measures_both_paths(jpegs):
     rows = bench_data(jpegs, img_size=32, count=8, workers=1)
-    assert [r["path"] for r in rows] == ["full", "draft"]
+    assert [r["path"] for r in rows] == ["full", "full", "scaled", "scaled"]
+    assert len({r["view"] for r in rows}) == 2  # MAE's view and ROPIM/SimMIM's
     assert all(r["loader_per_core"] > 0 and r["decode_per_core"] > 0 for r in rows)
     assert all(
         r["ratio"] == pytest.approx(r["loader_per_core"] / r["decode_per_core"]) for r in rows

@@ -41,13 +41,16 @@ class DataSection:
     crop_scale: list[float] | None = None  # None: the method's recipe
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
     hflip: float = 0.5
-    interpolation: str = "bicubic"
+    # The pre-training crop's resampling; None: the method's recipe. Evaluation views resize
+    # bicubic (every official evaluation does) unless this is set.
+    interpolation: str | None = None
     mean: list[float] | None = None  # None: the dataset's own statistics
     std: list[float] | None = None
     num_workers: int = 0
-    # Image folders: "draft" crops in the JPEG decoder's space (decodes at 1/2–1/8 scale when
-    # the crop allows, uint8 until the batch); "full" decodes every pixel, then torchvision crops.
-    decode: str = "draft"
+    # Image folders: "scaled" crops in the JPEG decoder's space (libjpeg-turbo decodes at 1/2–1/8
+    # scale when the crop allows, uint8 until the batch); "full": Pillow decodes every pixel,
+    # then torchvision crops and normalises per image.
+    decode: str = "scaled"
     on_bad_image: str = "error"  # or "skip": leave unreadable files out, each one recorded
 
 
@@ -235,8 +238,8 @@ def check_values(config: Config) -> None:
     train = config.train
     if config.data.on_bad_image not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_image={config.data.on_bad_image!r} must be error or skip")
-    if config.data.decode not in ("draft", "full"):
-        raise ConfigError(f"data.decode={config.data.decode!r} must be draft or full")
+    if config.data.decode not in ("scaled", "full"):
+        raise ConfigError(f"data.decode={config.data.decode!r} must be scaled or full")
     if train.schedule not in (None, "cosine", "multistep"):
         raise ConfigError(f"train.schedule={train.schedule!r} must be cosine or multistep")
     if train.decay_at is not None and not all(0 < f < 1 for f in train.decay_at):

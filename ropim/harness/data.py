@@ -159,7 +159,14 @@ def _channels(in_chans: int) -> v2.Transform:
     return v2.RGB() if in_chans == 3 else v2.Grayscale(num_output_channels=in_chans)
 
 
-def _interpolation(name: str) -> v2.InterpolationMode:
+# Evaluation views resize bicubic: MAE util/datasets.py:52-61, ROPIM data_finetune.py:139-146
+# (DATA.INTERPOLATION's default), SimMIM likewise.
+EVAL_INTERPOLATION = "bicubic"
+
+
+def _interpolation(name: str | None) -> v2.InterpolationMode:
+    if name is None:
+        raise ConfigError("data.interpolation is unset: fill it from the method's recipe first")
     try:
         return v2.InterpolationMode(name)
     except ValueError:
@@ -194,7 +201,11 @@ def eval_transform(cfg: DataSection, img_size: int, in_chans: int) -> v2.Transfo
         [
             v2.ToImage(),
             _channels(in_chans),
-            v2.Resize(img_size, interpolation=_interpolation(cfg.interpolation), antialias=True),
+            v2.Resize(
+                img_size,
+                interpolation=_interpolation(cfg.interpolation or EVAL_INTERPOLATION),
+                antialias=True,
+            ),
             v2.CenterCrop(img_size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(mean), std=list(std)),
@@ -284,10 +295,10 @@ def _file_samples(dataset: Dataset) -> list[tuple[str, int]] | None:
 
 def pretrain_views(cfg: DataSection, img_size: int, in_chans: int, seed: int) -> Dataset:
     """The pre-training views of ``cfg``'s split: cropped in the JPEG decoder's space
-    (``data.decode: draft``, RGB image folders) or by torchvision on the full decode."""
+    (``data.decode: scaled``, RGB image folders) or by torchvision on the full decode."""
     images = load_images(cfg)
     samples = _file_samples(images)
-    if cfg.decode == "draft" and in_chans == 3 and samples is not None:
+    if cfg.decode == "scaled" and in_chans == 3 and samples is not None:
         views: Dataset = DecoderCropViews(
             samples, img_size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, seed, cfg.interpolation
         )

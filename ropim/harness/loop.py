@@ -27,7 +27,7 @@ from ropim.harness.data import SeededViews, epoch_batches, steps_per_epoch
 from ropim.harness.errors import ConfigError, TrainingError
 from ropim.harness.progress import ProgressDisplay
 from ropim.harness.records import MetricsLog
-from ropim.harness.seeding import derive_seed
+from ropim.harness.seeding import derive_seed, seed_torch
 from ropim.harness.tasks import TrainingSettings
 
 # (model, batch, step) -> (loss, named loss terms to log); the model is the Fabric-wrapped one.
@@ -123,7 +123,7 @@ class TrainStep:
         self.loss, self.seed, self.clip_grad = loss, seed, clip_grad
 
     def __call__(self, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        torch.manual_seed(derive_seed(self.seed, "step", step, self.fabric.global_rank))
+        seed_torch(derive_seed(self.seed, "step", step, self.fabric.global_rank))
         loss, terms = self.loss(self.model, batch, step)
         self.fabric.backward(loss)
         if self.clip_grad is not None:

@@ -34,6 +34,7 @@ class Recipe:
     decay_rate: float = 0.1
     crop_scale: tuple[float, float] = (0.67, 1.0)  # RandomResizedCrop area range
     drop_path: float = 0.1
+    interpolation: str = "bicubic"  # RandomResizedCrop's resampling
     source: str = ""
     sources: Mapping[str, str] = field(default_factory=dict)
 

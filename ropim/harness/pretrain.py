@@ -73,9 +73,11 @@ class Pretraining:
 
 def fill_from_recipe(cfg: Config, recipe: Recipe) -> None:
     """The pre-training view and drop path the config leaves unset come from the method's
-    recipe (MAE: crops 0.2–1 and no drop path; ROPIM/SimMIM: 0.67–1 and 0.1)."""
+    recipe (MAE: bicubic crops 0.2–1 and no drop path; ROPIM/SimMIM: bilinear 0.67–1 and 0.1)."""
     if cfg.data.crop_scale is None:
         cfg.data.crop_scale = list(recipe.crop_scale)
+    if cfg.data.interpolation is None:
+        cfg.data.interpolation = recipe.interpolation
     if cfg.model.drop_path is None:
         cfg.model.drop_path = recipe.drop_path
 

@@ -23,6 +23,16 @@ def make_generator(device: torch.device | str, *parts: object) -> torch.Generato
     return generator
 
 
+def seed_torch(seed: int) -> None:
+    """Seed torch's CPU generator and, once CUDA is in use, every GPU's. Unlike
+    ``torch.manual_seed`` it does not queue a lazy CUDA/XPU/MTIA seeding with a formatted stack
+    trace when those are not initialised: that costs ~1 ms per call on a CPU-only machine,
+    which per image was a fifth of the digits' pre-training step (measured with cProfile)."""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+
+
 @contextlib.contextmanager
 def seeded_host_rngs(seed: int) -> Iterator[None]:
     """Seed torch's CPU generator, Python's ``random`` and NumPy's global generator for the
@@ -31,7 +41,7 @@ def seeded_host_rngs(seed: int) -> Iterator[None]:
     disturbing the caller's streams."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator, which fork_rng restores
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:

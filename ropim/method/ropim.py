@@ -29,6 +29,7 @@ class ROPIM(MaskingMethod):
         base_min_lr=5e-6,
         crop_scale=(0.67, 1.0),
         drop_path=0.1,
+        interpolation="bilinear",
         source="csiro-robotics/ROPIM configs/vit_base/ropim_pretrain__vit_base.yaml",
         sources={
             "base_lr": "ROPIM ropim_pretrain__vit_base.yaml:20, main_ropim.py:209-211",
@@ -41,6 +42,7 @@ class ROPIM(MaskingMethod):
             "schedule": "ROPIM lr_scheduler.py:22-31",
             "crop_scale": "ROPIM data/data_ropim.py:74-75",
             "drop_path": "ROPIM ropim_pretrain__vit_base.yaml:4",
+            "interpolation": "ROPIM data/data_ropim.py:74-75 (torchvision's default, bilinear)",
         },
     )
     protocol_recipes = {

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -52,12 +53,16 @@ def _rate(count: int, seconds: float) -> float:
     return count / max(seconds, 1e-9)
 
 
-def decode_rate(paths: list[str]) -> float:
-    """Images/s of the decoder alone (Pillow, full size, RGB) in this process."""
+def decode_rate(paths: list[str], path: str) -> float:
+    """Images/s of the decoder alone (full size, RGB) in this process: Pillow's for the
+    ``full`` path, libjpeg-turbo's through simplejpeg for the ``scaled`` one."""
     start = time.perf_counter()
-    for path in paths:
-        with Image.open(path) as image:
-            image.convert("RGB").load()
+    for file in paths:
+        if path == "scaled":
+            simplejpeg.decode_jpeg(Path(file).read_bytes(), colorspace="RGB")
+        else:
+            with Image.open(file) as image:
+                image.convert("RGB").load()
     return _rate(len(paths), time.perf_counter() - start)
 
 
@@ -85,37 +90,46 @@ def loader_rate(data: DataSection, img_size: int, workers: int, batch_size: int 
     return _rate(seen, time.perf_counter() - start)
 
 
+# The pre-training views measured: MAE's (small bicubic crops) and ROPIM/SimMIM's.
+VIEWS = {"mae": ([0.2, 1.0], "bicubic"), "ropim": ([0.67, 1.0], "bilinear")}
+
+
 def bench_data(
     folder: str | Path, img_size: int = 224, count: int = 200, workers: int | None = None
 ) -> list[dict[str, Any]]:
-    """Rows per decode path (``full``, ``draft``): views/s on one core, the decoder alone on
-    one core, their ratio, and views/s with ``workers`` loader processes."""
+    """Rows per decode path (``full``, ``scaled``) and recipe view: views/s on one core, the
+    path's decoder alone on one core, their ratio, and views/s with ``workers`` processes."""
     root = make_jpeg_folder(folder, count)
     workers = workers or torch.multiprocessing.cpu_count()
     paths = sorted(str(p) for p in (root / "train").rglob("*.jpg"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per core: one process, one thread
     try:
-        decode_rate(paths[:20])  # warm the file cache
-        decoded = decode_rate(paths)
         rows = []
-        for decode in ("full", "draft"):
-            # MAE's crop range (0.2-1): smaller crops than ROPIM's and SimMIM's 0.67-1.
-            data = DataSection(
-                dataset="imagefolder", root=str(root), decode=decode, crop_scale=[0.2, 1.0]
-            )
-            per_core = view_rate(data, img_size)
-            rows.append(
-                {
-                    "path": decode,
-                    "img_size": img_size,
-                    "loader_per_core": per_core,
-                    "decode_per_core": decoded,
-                    "ratio": per_core / decoded,
-                    "workers": workers,
-                    "loader_total": loader_rate(data, img_size, workers),
-                }
-            )
+        for path in ("full", "scaled"):
+            decode_rate(paths[:20], path)  # warm the file cache
+            decoded = decode_rate(paths, path)
+            for view, (scale, interpolation) in VIEWS.items():
+                data = DataSection(
+                    dataset="imagefolder",
+                    root=str(root),
+                    decode=path,
+                    crop_scale=scale,
+                    interpolation=interpolation,
+                )
+                per_core = view_rate(data, img_size)
+                rows.append(
+                    {
+                        "path": path,
+                        "view": f"{view} ({interpolation}, crop {scale[0]}-{scale[1]})",
+                        "img_size": img_size,
+                        "loader_per_core": per_core,
+                        "decode_per_core": decoded,
+                        "ratio": per_core / decoded,
+                        "workers": workers,
+                        "loader_total": loader_rate(data, img_size, workers),
+                    }
+                )
     finally:
         torch.set_num_threads(threads)
     return rows

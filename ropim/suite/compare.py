@@ -31,9 +31,9 @@ BUDGET_KEYS = (
     "train.precision",
     "train.accelerator",
 )
-# Each method's own recipe sets these (MAE: crops 0.2–1, no drop path); a comparison equalises
-# one only when compare.force_shared lists it (an ablation, recorded in the run's config).
-RECIPE_OWNED = ("data.crop_scale", "model.drop_path")
+# Each method's own recipe sets these (MAE: bicubic crops 0.2–1, no drop path); a comparison
+# equalises one only when compare.force_shared lists it (an ablation, recorded in the run's config).
+RECIPE_OWNED = ("data.crop_scale", "data.interpolation", "model.drop_path")
 COMPARE_KEYS = {
     "name",
     "scale",
