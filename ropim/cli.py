@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                 depth=args.depth,
                 cap_gib=args.cap_gib,
             ):
-                where = f"{row['variant']:<16} {row['image']} px, {row['depth']} blocks, batch 1:"
+                where = (
+                    f"{row['variant']:<16} {row['image']} px, {row['depth']} blocks, "
+                    f"batch {row['batch']}:"
+                )
                 if "error" in row:
                     print(f"{where} {row['error']}")
                 else:

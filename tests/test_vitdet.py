@@ -96,3 +96,20 @@ def test_aligned_roi_align_is_the_unaligned_one_shifted_by_half_a_pixel():
     torch.testing.assert_close(unaligned - aligned, torch.full_like(aligned, 0.5))
     # Box centres sampled at 4+2+-1 and 4+6+-1, minus the half pixel: 5.5 and 9.5.
     torch.testing.assert_close(aligned[0, 0, 0], torch.tensor([5.5, 9.5]))
+
+
+def test_bench_dense_reports_every_variant_from_its_own_process():
+    from ropim.suite.bench_dense import VARIANTS, bench_dense
+
+    rows = bench_dense(detection_size=64, segmentation_size=64, depth=2, cap_gib=8, iterations=1)
+    assert [r["variant"] for r in rows] == list(VARIANTS)
+    for row in rows:
+        assert "error" not in row, row
+        assert row["seconds"] > 0 and row["peak_mib"] >= row["model_mib"] > 0
+
+
+def test_bench_dense_reports_a_variant_that_does_not_fit():
+    from ropim.suite.bench_dense import bench_dense
+
+    (row,) = bench_dense(("vitdet_global",), detection_size=64, depth=2, cap_gib=0.05)
+    assert "0.05 GiB cap" in row["error"]
