@@ -99,8 +99,16 @@ class MAE(MaskingMethod):
                 "lr_batch_divisor": 256,
                 "optimizer": "lars",
                 "weight_decay": 0.0,
+                "batch_size": 16384,
+                "augment": True,
+                "crop_scale": [0.08, 1.0],
             },
             source="facebookresearch/mae main_linprobe.py:44-66,218,222, util/lars.py:18-47",
+            sources={
+                "batch_size": "mae main_linprobe.py:44-66 (16384 in total)",
+                "augment": "mae main_linprobe.py:132-141 (RandomResizedCrop + flip per epoch)",
+                "crop_scale": "mae main_linprobe.py:132 (RandomResizedCrop's default scale)",
+            },
         ),
     }
 

@@ -215,3 +215,53 @@ def test_lars_is_maes_rule_with_momentum_and_trust_ratio():
     assert not torch.allclose(weight, sgd[0], atol=1e-3)
     assert not torch.allclose(weight, no_momentum[0], atol=1e-6)
     assert not torch.allclose(layer.bias.detach(), no_momentum[1], atol=1e-6)
+
+
+def test_augmented_probe_trains_through_the_frozen_encoder(monkeypatch):
+    from downstream.classification import linear_probe
+    from downstream.classification.evaluate import probe_transform
+    from downstream.classification.linear_probe import (
+        ProbeRecipe,
+        augmented_linear_probe_accuracy,
+    )
+    from ropim.harness.data import SeededViews, eval_transform, load_images
+    from ropim.harness.probe import extract_features
+    from ropim.harness.runtime import build_encoder
+
+    cfg = load_config(TINY_CONFIG)
+    backbone = build_encoder(cfg)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    train, val = load_images(cfg.data, "train"), load_images(cfg.data, "val")
+    evaluation = eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans)
+    val_x, val_y = extract_features(backbone, SeededViews(val, evaluation, 0), torch.device("cpu"))
+    seen: list[torch.Tensor] = []
+    pooled = backbone.pooled_features
+
+    def spy(images):
+        seen.append(images.clone())
+        return pooled(images)
+
+    backbone.pooled_features = spy
+    monkeypatch.setattr(linear_probe, "FEATURE_CHUNK", 8)  # a batch of 32 in 4 encoder passes
+    recipe = ProbeRecipe(epochs=3, batch_size=32, warmup_epochs=1, optimizer="sgd", base_lr=1.0)
+    views = SeededViews(train, probe_transform(cfg, [0.08, 1.0]), seed=0)
+    acc = augmented_linear_probe_accuracy(
+        backbone,
+        views,
+        "cls",
+        torch.from_numpy(val_x["cls"]),
+        torch.from_numpy(val_y),
+        10,
+        recipe,
+        seed=0,
+        device=torch.device("cpu"),
+    )
+    per_epoch = len(train) // 32
+    # every step's features come through the encoder, 8 images at a time
+    assert len(seen) == 3 * per_epoch * 4 and {len(images) for images in seen} == {8}
+    views.set_epoch(0)
+    first = views[0][0]
+    views.set_epoch(1)
+    assert not torch.equal(first, views[0][0])  # ...of a new random view each epoch
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    assert 0.0 <= acc <= 1.0

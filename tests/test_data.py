@@ -1,6 +1,7 @@
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from ropim.harness.config import DataSection
 from ropim.harness.data import SeededViews, epoch_batches, load_images, pretrain_transform
@@ -79,3 +80,19 @@ def test_image_folder_reads_images_and_names_a_corrupt_file(tmp_path):
     images = load_images(DataSection(dataset="imagefolder", root=str(tmp_path)))
     with pytest.raises(DataError, match=f"cannot read image {bad}"):
         [images[i] for i in range(len(images))]
+
+
+def test_evaluation_view_is_resize_256_then_centre_crop_224_on_folders():
+    from ropim.harness.data import eval_resize, eval_transform
+
+    folder = DataSection(dataset="imagefolder", mean=[0.5] * 3, std=[0.5] * 3)
+    assert eval_resize(folder, 224) == 256
+    assert eval_resize(DataSection(dataset="mnist"), 28) == 28  # digits: the whole image
+    assert eval_resize(DataSection(dataset="imagefolder", eval_crop_pct=1.0), 224) == 224
+    image = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8)
+    expected = v2.functional.center_crop(
+        v2.functional.resize(image, 256, interpolation=v2.InterpolationMode.BICUBIC), 224
+    )
+    view = eval_transform(folder, 224, 3)(image)
+    assert view.shape == (3, 224, 224)
+    torch.testing.assert_close(view, (expected.float() / 255 - 0.5) / 0.5)

@@ -3,6 +3,7 @@ fine-tune); returns the measurements, the suite writes them."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
@@ -12,10 +13,15 @@ from typing import Any
 import torch
 
 from downstream.classification.finetune import finetune_accuracy
-from downstream.classification.linear_probe import linear_probe_accuracy
+from downstream.classification.linear_probe import (
+    ProbeRecipe,
+    augmented_linear_probe_accuracy,
+    linear_probe_accuracy,
+)
 from downstream.classification.settings import ClassificationSettings, settings_for_method
 from downstream.encoder import finetune_fingerprint, load_pretrained_encoder
-from ropim.harness.data import SeededViews, eval_transform, load_images
+from ropim.harness.config import Config
+from ropim.harness.data import SeededViews, eval_transform, load_images, pretrain_transform
 from ropim.harness.knn import knn_accuracy
 from ropim.harness.probe import extract_features
 from ropim.harness.registry import available_methods, method_class
@@ -68,21 +74,33 @@ def run_classification(
         if "linear" in settings.protocols:
             start = time.perf_counter()
             lin = settings.linear
-            acc = linear_probe_accuracy(
-                x_train,
-                y_train,
-                x_val,
-                y_val,
-                num_classes,
-                epochs=lin.epochs,
-                batch_size=lin.batch_size,
-                base_lr=lin.base_lr,
-                lr_batch_divisor=lin.lr_batch_divisor,
-                warmup_epochs=lin.warmup_epochs,
-                optimizer=lin.optimizer,
-                weight_decay=lin.weight_decay,
-                seed=seed,
+            recipe = ProbeRecipe(
+                lin.epochs,
+                lin.batch_size,
+                lin.base_lr,
+                lin.lr_batch_divisor,
+                lin.warmup_epochs,
+                lin.optimizer,
+                lin.weight_decay,
             )
+            if lin.augment:
+                views = SeededViews(train_images, probe_transform(cfg, lin.crop_scale), seed)
+                acc = augmented_linear_probe_accuracy(
+                    backbone,
+                    views,
+                    settings.feature,
+                    x_val,
+                    y_val,
+                    num_classes,
+                    recipe,
+                    seed,
+                    device,
+                    cfg.data.num_workers,
+                )
+            else:
+                acc = linear_probe_accuracy(
+                    x_train, y_train, x_val, y_val, num_classes, recipe, seed
+                )
             add("linear", "top1", acc)
             add("linear", "seconds", time.perf_counter() - start)
     if "finetune" in settings.protocols:
@@ -105,6 +123,13 @@ def run_classification(
         add("finetune", "seconds", time.perf_counter() - start)
         details["finetune"] = result
     return TaskOutcome(measurements, details)
+
+
+def probe_transform(cfg: Config, crop_scale: list[float]) -> Any:
+    """MAE's probe view: RandomResizedCrop (bicubic) + flip, normalised as pre-training was
+    (main_linprobe.py:132-141)."""
+    view = dataclasses.replace(cfg.data, crop_scale=crop_scale, interpolation="bicubic")
+    return pretrain_transform(view, cfg.model.img_size, cfg.model.in_chans)
 
 
 def _protocol_recipes(method: str | None) -> Mapping[str, Any]:

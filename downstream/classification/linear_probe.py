@@ -1,17 +1,23 @@
 """Linear probe as MAE runs it: frozen features → BatchNorm without affine → linear layer.
 
-Trained on features extracted once from the frozen encoder (the evaluation view, no
-augmentation), which makes the probe cheap enough to run for every seed and checkpoint.
+Two ways to feed it: MAE's (``augment``: a new RandomResizedCrop + flip view of every training
+image each epoch, through the frozen encoder; facebookresearch/mae main_linprobe.py:132-141),
+or features extracted once from the evaluation view, which is much cheaper (CPU presets).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from timm.optim import Lars
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
+from ropim.harness.backbone import ViTBackbone
+from ropim.harness.data import SeededViews, epoch_batches, steps_per_epoch
 from ropim.harness.optim import build_scheduler
 
 
@@ -39,52 +45,137 @@ def mae_lars(model: nn.Module, lr: float, weight_decay: float = 0.0) -> Lars:
     )
 
 
+@dataclass(frozen=True)
+class ProbeRecipe:
+    """How the linear head is trained (MAE's values by default)."""
+
+    epochs: int = 90
+    batch_size: int = 256
+    base_lr: float = 0.1
+    lr_batch_divisor: int = 256
+    warmup_epochs: int = 10
+    optimizer: str = "lars"
+    weight_decay: float = 0.0
+
+
+FEATURE_CHUNK = 256  # images per encoder pass in the augmented probe (MAE's 16384 batch is
+# 32 GPUs × 512; one process gathers a batch's features chunk by chunk)
+
+# (epoch) -> that epoch's (features, labels) batches on the head's device
+EpochBatches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]
+
+
+def train_linear_head(
+    batches: EpochBatches,
+    dim: int,
+    num_classes: int,
+    steps_per_epoch: int,
+    recipe: ProbeRecipe,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """BatchNorm (no affine, eps 1e-6) → linear (trunc-normal 0.01), trained with MAE's LARS
+    (or SGD) under warmup + cosine per step; returned in eval mode."""
+    torch.manual_seed(seed)
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    head.to(device)
+    lr = recipe.base_lr * recipe.batch_size / recipe.lr_batch_divisor
+    if recipe.optimizer == "lars":
+        opt: torch.optim.Optimizer = mae_lars(head, lr, recipe.weight_decay)
+    elif recipe.optimizer == "sgd":
+        opt = torch.optim.SGD(
+            head.parameters(), lr=lr, momentum=0.9, weight_decay=recipe.weight_decay
+        )
+    else:
+        raise ValueError(
+            f"linear probe optimizer must be 'lars' or 'sgd', got {recipe.optimizer!r}"
+        )
+    scheduler = build_scheduler(
+        opt, recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
+    )
+    step = 0
+    head.train()
+    for epoch in range(recipe.epochs):
+        for features, labels in batches(epoch):
+            if len(labels) < 2:
+                continue  # BatchNorm needs two samples
+            scheduler.step_update(step)
+            loss = nn.functional.cross_entropy(head(features), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    head.eval()
+    return head
+
+
+@torch.no_grad()
+def head_accuracy(head: nn.Module, features: Tensor, labels: Tensor) -> float:
+    predicted = head(features.to(labels.device)).argmax(dim=1)
+    return float((predicted == labels).float().mean())
+
+
 def linear_probe_accuracy(
     train_features: Tensor,
     train_labels: Tensor,
     val_features: Tensor,
     val_labels: Tensor,
     num_classes: int,
-    *,
-    epochs: int = 90,
-    batch_size: int = 256,
-    base_lr: float = 0.1,
-    lr_batch_divisor: int = 256,
-    warmup_epochs: int = 10,
-    optimizer: str = "lars",
-    weight_decay: float = 0.0,
+    recipe: ProbeRecipe = ProbeRecipe(),
     seed: int = 0,
 ) -> float:
+    """The probe on features extracted once (the evaluation view, no augmentation)."""
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    dim = train_features.shape[1]
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
-    lr = base_lr * batch_size / lr_batch_divisor
-    if optimizer == "lars":
-        opt: torch.optim.Optimizer = mae_lars(head, lr, weight_decay)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"linear probe optimizer must be 'lars' or 'sgd', got {optimizer!r}")
-    steps_per_epoch = max(1, math.ceil(len(train_features) / batch_size))
-    scheduler = build_scheduler(opt, epochs * steps_per_epoch, warmup_epochs * steps_per_epoch)
-    step = 0
-    head.train()
-    for _ in range(epochs):
+    size = recipe.batch_size
+
+    def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.randperm(len(train_features), generator=generator)
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            if len(index) < 2:
-                continue  # BatchNorm needs two samples
-            scheduler.step_update(step)
-            loss = nn.functional.cross_entropy(head(train_features[index]), train_labels[index])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-    head.eval()
-    with torch.no_grad():
-        predicted = head(val_features).argmax(dim=1)
-    return float((predicted == val_labels).float().mean())
+        for start in range(0, len(order), size):
+            index = order[start : start + size]
+            yield train_features[index], train_labels[index]
+
+    per_epoch = max(1, math.ceil(len(train_features) / size))
+    head = train_linear_head(batches, train_features.shape[1], num_classes, per_epoch, recipe, seed)
+    return head_accuracy(head, val_features, val_labels)
+
+
+def augmented_linear_probe_accuracy(
+    backbone: ViTBackbone,
+    train_views: SeededViews,
+    feature: str,
+    val_features: Tensor,
+    val_labels: Tensor,
+    num_classes: int,
+    recipe: ProbeRecipe,
+    seed: int,
+    device: torch.device,
+    num_workers: int = 0,
+) -> float:
+    """MAE's probe: every epoch a fresh seeded RandomResizedCrop + flip view of each training
+    image goes through the frozen encoder (eval mode, no gradient), so the head never sees the
+    same features twice; the validation features are the evaluation view's."""
+    size = recipe.batch_size
+    backbone.eval()
+
+    def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        train_views.set_epoch(epoch)
+        order = epoch_batches(len(train_views), size, seed=seed, epoch=epoch)  # drop_last
+        # The encoder sees chunks of at most FEATURE_CHUNK images; the head, whole batches.
+        chunks = [b[i : i + FEATURE_CHUNK] for b in order for i in range(0, size, FEATURE_CHUNK)]
+        loader = iter(DataLoader(train_views, batch_sampler=chunks, num_workers=num_workers))
+        for _ in order:
+            features, labels = [], []
+            for _ in range(math.ceil(size / FEATURE_CHUNK)):
+                images, targets = next(loader)
+                with torch.no_grad():
+                    features.append(backbone.pooled_features(images.to(device))[feature].float())
+                labels.append(torch.as_tensor(targets).to(device))
+            yield torch.cat(features), torch.cat(labels)
+
+    per_epoch = steps_per_epoch(len(train_views), size)  # MAE drops the last partial batch
+    head = train_linear_head(
+        batches, val_features.shape[1], num_classes, per_epoch, recipe, seed, device
+    )
+    return head_accuracy(head, val_features.to(device), val_labels.to(device))

@@ -22,12 +22,16 @@ class KnnSettings:
 @dataclass
 class LinearSettings:
     epochs: int = 90
-    batch_size: int = 256  # the probe trains in one process on cached features
+    batch_size: int = 256  # the probe trains in one process
     base_lr: float = 0.1  # per lr_batch_divisor images
     lr_batch_divisor: int = 256
     warmup_epochs: int = 10
     optimizer: str = "lars"  # or "sgd"
     weight_decay: float = 0.0
+    # MAE trains on a new RandomResizedCrop (bicubic, scale crop_scale) + flip view per epoch
+    # through the frozen encoder; false: features of the evaluation view, extracted once.
+    augment: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
 
 
 @dataclass
@@ -80,6 +84,15 @@ class ClassificationSettings(TaskSettings):
             )
         if self.feature not in ("cls", "avg"):
             raise ConfigError(f"{section}.feature={self.feature!r} must be cls or avg")
+        if self.linear.optimizer not in ("lars", "sgd"):
+            raise ConfigError(
+                f"{section}.linear.optimizer={self.linear.optimizer!r} must be lars or sgd"
+            )
+        scale = self.linear.crop_scale
+        if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+            raise ConfigError(
+                f"{section}.linear.crop_scale={scale} must be [low, high] with 0 < low <= high <= 1"
+            )
         self.finetune.check(f"{section}.finetune")
 
 

@@ -41,9 +41,13 @@ class DataSection:
     crop_scale: list[float] | None = None  # None: the method's recipe
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
     hflip: float = 0.5
-    # The pre-training crop's resampling; None: the method's recipe. Evaluation views resize
-    # bicubic (every official evaluation does) unless this is set.
+    # The pre-training crop's resampling; None: the method's recipe. Evaluation views always
+    # resize bicubic, as every official evaluation does.
     interpolation: str | None = None
+    # Evaluation view: resize the shorter side to img_size / eval_crop_pct, centre-crop img_size.
+    # None: 0.875 for image folders (Resize 256 -> CenterCrop 224, MAE util/datasets.py:52-61,
+    # ROPIM data_finetune.py:139-146), 1.0 for the bundled digits (already centred at 28 px).
+    eval_crop_pct: float | None = None
     mean: list[float] | None = None  # None: the dataset's own statistics
     std: list[float] | None = None
     num_workers: int = 0
@@ -246,6 +250,9 @@ def check_values(config: Config) -> None:
         raise ConfigError(
             f"train.decay_at={train.decay_at} must hold fractions of training between 0 and 1"
         )
+    crop_pct = config.data.eval_crop_pct
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ConfigError(f"data.eval_crop_pct={crop_pct} must be in (0, 1] (0.875: 256 -> 224)")
     scale = config.data.crop_scale
     if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
         raise ConfigError(f"data.crop_scale={scale} must be [low, high] with 0 < low <= high <= 1")

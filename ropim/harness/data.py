@@ -7,6 +7,7 @@ the very same views and a resumed run replays the exact batches it would have se
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -194,16 +195,26 @@ def pretrain_transform(cfg: DataSection, img_size: int, in_chans: int) -> v2.Tra
     )
 
 
+def eval_resize(cfg: DataSection, img_size: int) -> int:
+    """The shorter side the evaluation view is resized to before its centre crop (timm's
+    ``floor(img_size / crop_pct)``: 256 for 224 at 0.875)."""
+    crop_pct = cfg.eval_crop_pct
+    if crop_pct is None:
+        crop_pct = 1.0 if cfg.dataset == "mnist" else 0.875
+    return math.floor(img_size / crop_pct)
+
+
 def eval_transform(cfg: DataSection, img_size: int, in_chans: int) -> v2.Transform:
-    """Resize + centre crop, the usual evaluation view (identity for 28-px digits at 28 px)."""
+    """Resize the shorter side, then centre crop: the published evaluation view (Resize 256 ->
+    CenterCrop 224 on image folders; identity for the 28-px digits at 28 px)."""
     mean, std = dataset_stats(cfg)
     return v2.Compose(
         [
             v2.ToImage(),
             _channels(in_chans),
             v2.Resize(
-                img_size,
-                interpolation=_interpolation(cfg.interpolation or EVAL_INTERPOLATION),
+                eval_resize(cfg, img_size),
+                interpolation=_interpolation(EVAL_INTERPOLATION),
                 antialias=True,
             ),
             v2.CenterCrop(img_size),

@@ -17,7 +17,7 @@ import pandas as pd
 from timm.models import save_for_hf
 
 from downstream.encoder import load_pretrained_encoder, pretrained_checkpoint
-from ropim.harness.data import EVAL_INTERPOLATION, dataset_stats
+from ropim.harness.data import EVAL_INTERPOLATION, dataset_stats, eval_resize
 from ropim.harness.errors import ConfigError
 from ropim.suite.results import read_results
 
@@ -36,8 +36,8 @@ def export_run(
         "input_size": (chans, size, size),
         "mean": tuple(mean)[:chans],
         "std": tuple(std)[:chans],
-        "interpolation": cfg.data.interpolation or EVAL_INTERPOLATION,
-        "crop_pct": 1.0,
+        "interpolation": EVAL_INTERPOLATION,
+        "crop_pct": size / eval_resize(cfg.data, size),
         "crop_mode": "center",
     }
     save_for_hf(backbone.vit, str(out), safe_serialization=True, data_config=data_config)
