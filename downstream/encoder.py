@@ -87,6 +87,7 @@ def load_pretrained_encoder(
             f"{path} does not fit the encoder: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+    backbone.release_position()  # fixed in MAE's pre-training, fine-tuned downstream
     return backbone, cfg
 
 
@@ -111,6 +112,8 @@ def dense_encoder(backbone: ViTBackbone, cfg: Config, img_size: int) -> ViTBackb
         m.patch_size,
         m.in_chans,
         m.drop_path,
+        m.position,
+        m.init,
         **(m.kwargs | {"dynamic_img_size": True}),
     )
     state = backbone.state_dict()
@@ -120,6 +123,7 @@ def dense_encoder(backbone: ViTBackbone, cfg: Config, img_size: int) -> ViTBackb
             state["vit.pos_embed"], list(dense.grid), list(backbone.grid), prefix
         )
     dense.load_state_dict(state)
+    dense.release_position()  # downstream tasks train every encoder weight
     return dense
 
 

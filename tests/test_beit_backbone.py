@@ -1,8 +1,11 @@
-"""The BEiT-style backbone (timm ``Beit``): no absolute positions, a shared relative position
-bias, layer scale; pre-training through the same method interface, and fine-tuning with the
-shared table copied into every block as BEiT/ROPIM do."""
+"""The backbones beyond timm's plain ViT. BEiT-style (timm ``Beit``): no absolute positions, a
+shared relative position bias, layer scale; pre-training through the same method interface, and
+fine-tuning with the shared table copied into every block as BEiT/ROPIM do. MAE-style: a fixed
+2-D sin-cos position embedding and xavier initialisation."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -45,6 +48,14 @@ def test_beit_backbone_has_a_shared_bias_and_no_absolute_positions():
     assert plain.relative_position is None
 
 
+def test_beit_backbone_computes_what_timms_beit_computes():
+    backbone = _beit()
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        ours = backbone.run_blocks(backbone.add_position(backbone.embed_patches(images)))
+        torch.testing.assert_close(ours, backbone.vit.forward_features(images))
+
+
 @pytest.mark.parametrize("settings", [{"name": "ropim"}, {"name": "simmim", "mask_patch_size": 14}])
 def test_ropim_and_simmim_train_a_beit_backbone(settings):
     method = build_method(settings, _beit())
@@ -73,3 +84,55 @@ def test_fine_tuning_unties_the_shared_table_into_equal_per_block_copies(tmp_pat
         torch.testing.assert_close(untied.eval()(images), shared.eval()(images))
     with pytest.raises(ConfigError, match="relative position bias; the dense tasks"):
         dense_encoder(untied, untied_cfg, 56)
+
+
+def _mae_style(**kwargs) -> ViTBackbone:
+    torch.manual_seed(0)
+    size = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+    return ViTBackbone("vit_tiny_patch16_224", 28, 7, **kwargs, **size)
+
+
+def test_sincos_position_is_maes_fixed_table():
+    backbone = _mae_style(position="sincos")
+    table = backbone.vit.pos_embed[0]
+    assert not backbone.vit.pos_embed.requires_grad
+    assert torch.equal(table[0], torch.zeros(32))  # the cls token's position
+    token = 1 + 1 * 4 + 2  # row 1, column 2 of the 4x4 grid
+    # channel 0: sin(column·ω_0); 8: cos(column·ω_0); 16: sin(row·ω_0); 17: sin(row·ω_1)
+    omega_1 = 1 / 10000 ** (1 / 8)
+    expected = torch.tensor([math.sin(2), math.cos(2), math.sin(1), math.sin(omega_1)])
+    torch.testing.assert_close(table[token, [0, 8, 16, 17]], expected)
+
+
+def test_sincos_position_stays_fixed_in_pretraining_and_trains_downstream(tmp_path):
+    mae = "method={name: mae, decoder_depth: 1, decoder_dim: 32, decoder_heads: 2}"
+    overrides = ["model.position=sincos", "model.init=mae", mae]
+    cfg = load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}", "train.epochs=0.25", *overrides])
+    before = _tiny_encoder(cfg).vit.pos_embed.detach().clone()
+    run_dir = pretrain(cfg)
+    backbone, _ = load_pretrained_encoder(run_dir)
+    assert torch.equal(backbone.vit.pos_embed.detach(), before)  # not moved by pre-training
+    assert backbone.vit.pos_embed.requires_grad  # MAE fine-tunes it
+
+
+def _tiny_encoder(cfg):
+    from ropim.harness.runtime import build_encoder
+
+    return build_encoder(cfg)
+
+
+def test_mae_init_is_xavier_uniform_with_zero_biases():
+    mae, timm_default = _mae_style(init="mae"), _mae_style()
+    fc = mae.vit.blocks[0].mlp.fc1
+    bound = math.sqrt(6 / (fc.in_features + fc.out_features))
+    assert fc.weight.abs().max() <= bound and fc.weight.abs().max() > 0.9 * bound
+    assert torch.equal(fc.bias, torch.zeros_like(fc.bias))
+    assert not torch.equal(fc.weight, timm_default.vit.blocks[0].mlp.fc1.weight)
+    assert mae.vit.pos_embed.requires_grad  # init alone leaves the learned position
+
+
+def test_mae_style_options_need_a_plain_vit():
+    with pytest.raises(ConfigError, match="MAE's encoder"):
+        ViTBackbone("beit_base_patch16_224", 28, 7, position="sincos", **BEIT)
+    with pytest.raises(ConfigError, match="model.position='rope'"):
+        _mae_style(position="rope")

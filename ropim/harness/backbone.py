@@ -27,6 +27,50 @@ def _check_model_name(name: str) -> None:
     )
 
 
+POSITIONS = ("learned", "sincos")
+INITS = ("timm", "mae")
+
+
+def sincos_2d(rows: int, cols: int, dim: int) -> Tensor:
+    """MAE's fixed 2-D sin-cos position embedding, ``(rows·cols, dim)`` in row-major token order:
+    the first half encodes the column, the second the row, each as [sin(p·ω), cos(p·ω)] with
+    ω_i = 10000^(-i/(dim/4)) (He et al. 2022; facebookresearch/mae util/pos_embed.py)."""
+    if dim % 4:
+        raise ConfigError(
+            f"a 2-D sin-cos position embedding needs a width divisible by 4, got {dim}"
+        )
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    row, col = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float64),
+        torch.arange(cols, dtype=torch.float64),
+        indexing="ij",
+    )
+
+    def encode(position: Tensor) -> Tensor:
+        angles = position.flatten()[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(col), encode(row)], dim=1).float()
+
+
+def mae_init(vit: VisionTransformer) -> None:
+    """MAE's encoder initialisation (models_mae.py:75-90): xavier-uniform on every linear layer
+    and on the patch projection seen as a matrix, zero biases, cls token normal(0.02), norms at
+    one and zero."""
+    projection = vit.patch_embed.proj.weight
+    nn.init.xavier_uniform_(projection.view(projection.shape[0], -1))
+    if vit.cls_token is not None:
+        nn.init.normal_(vit.cls_token, std=0.02)
+    for module in vit.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 class ViTBackbone(nn.Module):
     """A timm ViT whose forward pass is exposed in the stages a masking method edits.
 
@@ -41,10 +85,17 @@ class ViTBackbone(nn.Module):
         patch_size: int,
         in_chans: int = 3,
         drop_path: float = 0.0,
+        position: str = "learned",
+        init: str = "timm",
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
         _check_model_name(name)
+        if position not in POSITIONS or init not in INITS:
+            raise ConfigError(
+                f"model.position={position!r} / model.init={init!r}: choose position from "
+                f"{POSITIONS} and init from {INITS}"
+            )
         if img_size <= 0 or patch_size <= 0 or img_size % patch_size:
             raise ConfigError(
                 f"model.img_size={img_size} is not divisible by model.patch_size={patch_size}; "
@@ -79,6 +130,9 @@ class ViTBackbone(nn.Module):
                 f"VisionTransformer or Beit; choose a 'vit_*' or 'beit_*' model"
             )
         self.vit = vit
+        self.position, self.init = position, init
+        if init == "mae" or position == "sincos":
+            self._mae_style(vit, name, position, init)
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -86,6 +140,29 @@ class ViTBackbone(nn.Module):
         self.num_tokens = self.grid[0] * self.grid[1]
         self.embed_dim: int = vit.embed_dim
         self.num_prefix_tokens: int = vit.num_prefix_tokens
+
+    @staticmethod
+    def _mae_style(vit: Any, name: str, position: str, init: str) -> None:
+        if not isinstance(vit, VisionTransformer) or vit.pos_embed is None:
+            raise ConfigError(
+                f"model.position={position!r} / model.init={init!r} describe MAE's encoder, a "
+                f"plain ViT with an absolute position embedding; model.name={name!r} is not one"
+            )
+        if init == "mae":
+            mae_init(vit)
+        if position == "sincos":
+            rows, cols = vit.patch_embed.grid_size
+            table = sincos_2d(rows, cols, vit.embed_dim)
+            prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+            with torch.no_grad():
+                vit.pos_embed.zero_()  # the cls token's position: zeros, as MAE's
+                vit.pos_embed[0, prefix:] = table
+            vit.pos_embed.requires_grad_(False)  # fixed during pre-training
+
+    def release_position(self) -> None:
+        """Make a fixed (sin-cos) position embedding trainable: MAE fine-tunes it."""
+        if self.vit.pos_embed is not None:
+            self.vit.pos_embed.requires_grad_(True)
 
     def embed_patches(self, images: Tensor) -> Tensor:
         """Patch embeddings ``Φ`` of shape ``(B, N, D)``: before cls token and positions."""

@@ -28,6 +28,10 @@ class ModelSection:
     patch_size: int = 16
     in_chans: int = 3
     drop_path: float | None = None  # None: the method's recipe (pre-training)
+    # MAE's encoder: "sincos" fixes a 2-D sin-cos position embedding during pre-training,
+    # "mae" initialises xavier-uniform (models_mae.py:37,67-90); defaults are timm's ViT.
+    position: str = "learned"
+    init: str = "timm"
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
 
 

@@ -47,7 +47,9 @@ def build_encoder(cfg: Config) -> ViTBackbone:
     torch.manual_seed(derive_seed(cfg.run.seed, "init"))
     m = cfg.model
     drop_path = m.drop_path or 0.0  # unset outside pre-training: no stochastic depth
-    return ViTBackbone(m.name, m.img_size, m.patch_size, m.in_chans, drop_path, **m.kwargs)
+    return ViTBackbone(
+        m.name, m.img_size, m.patch_size, m.in_chans, drop_path, m.position, m.init, **m.kwargs
+    )
 
 
 def synchronize(device: torch.device) -> None:
