@@ -83,3 +83,103 @@ def test_every_recipe_value_names_a_repository_file(method):
             or ".md" in recipe.source_of(key)
             or ".yaml" in (recipe.source_of(key))
         ), key
+
+
+# The published values, restated from the official repositories (file and line in each row's
+# third column; docs/recipes.md lists them with links). Every one must be what the card resolves
+# with no config, and its source must name that file.
+OFFICIAL = [
+    # ROPIM pre-training: csiro-robotics/ROPIM configs/vit_base/ropim_pretrain__vit_base.yaml
+    ("ropim", "pretrain", "base_lr", 1.5e-4, "ropim_pretrain__vit_base.yaml"),
+    ("ropim", "pretrain", "lr_batch_divisor", 512, "main_ropim.py"),
+    ("ropim", "pretrain", "warmup_epochs", 5, "ropim_pretrain__vit_base.yaml"),
+    ("ropim", "pretrain", "betas", [0.9, 0.95], "ropim_pretrain__vit_base.yaml"),
+    ("ropim", "pretrain", "weight_decay", 0.05, "ropim_pretrain__vit_base.yaml"),
+    ("ropim", "pretrain", "clip_grad", 5.0, "config.py"),
+    ("ropim", "pretrain", "base_min_lr", 5e-6, "main_ropim.py"),
+    ("ropim", "pretrain", "schedule", "cosine", "lr_scheduler.py"),
+    ("ropim", "pretrain", "crop_scale", [0.67, 1.0], "data_ropim.py"),
+    ("ropim", "pretrain", "interpolation", "bilinear", "data_ropim.py"),
+    ("ropim", "pretrain", "drop_path", 0.1, "ropim_pretrain__vit_base.yaml"),
+    # ROPIM fine-tuning: configs/vit_base/ropim_finetune__vit_base.yaml
+    ("ropim", "finetune", "epochs", 100, "ropim_finetune__vit_base.yaml"),
+    ("ropim", "finetune", "warmup_epochs", 5, "ropim_finetune__vit_base.yaml"),
+    ("ropim", "finetune", "base_lr", 5e-3, "ropim_finetune__vit_base.yaml"),
+    ("ropim", "finetune", "lr_batch_divisor", 512, "main_finetune.py"),
+    ("ropim", "finetune", "min_lr", 5e-6, "ropim_finetune__vit_base.yaml"),
+    ("ropim", "finetune", "layer_decay", 0.75, "ropim_finetune__vit_base.yaml"),
+    ("ropim", "finetune", "weight_decay", 0.05, "ropim_finetune__vit_base.yaml"),
+    ("ropim", "finetune", "drop_path", 0.1, "ropim_finetune__vit_base.yaml"),
+    ("ropim", "finetune", "clip_grad", 5.0, "main_finetune.py"),
+    ("ropim", "finetune", "mixup", 0.8, "config.py"),
+    ("ropim", "finetune", "cutmix", 1.0, "config.py"),
+    ("ropim", "finetune", "label_smoothing", 0.1, "config.py"),
+    ("ropim", "finetune", "rand_augment", "rand-m9-mstd0.5-inc1", "config.py"),
+    ("ropim", "finetune", "random_erasing", 0.25, "config.py"),
+    # MAE: facebookresearch/mae
+    ("mae", "pretrain", "base_lr", 1.5e-4, "PRETRAIN.md"),
+    ("mae", "pretrain", "lr_batch_divisor", 256, "main_pretrain.py"),
+    ("mae", "pretrain", "warmup_epochs", 40, "PRETRAIN.md"),
+    ("mae", "pretrain", "betas", [0.9, 0.95], "main_pretrain.py"),
+    ("mae", "pretrain", "weight_decay", 0.05, "PRETRAIN.md"),
+    ("mae", "pretrain", "clip_grad", None, "engine_pretrain.py"),
+    ("mae", "pretrain", "schedule", "cosine", "main_pretrain.py"),
+    ("mae", "pretrain", "crop_scale", [0.2, 1.0], "main_pretrain.py"),
+    ("mae", "pretrain", "interpolation", "bicubic", "main_pretrain.py"),
+    ("mae", "pretrain", "drop_path", 0.0, "models_mae.py"),
+    ("mae", "finetune", "epochs", 100, "FINETUNE.md"),
+    ("mae", "finetune", "base_lr", 5e-4, "FINETUNE.md"),
+    ("mae", "finetune", "lr_batch_divisor", 256, "main_finetune.py"),
+    ("mae", "finetune", "warmup_epochs", 5, "FINETUNE.md"),
+    ("mae", "finetune", "min_lr", 1e-6, "main_finetune.py"),
+    ("mae", "finetune", "layer_decay", 0.65, "FINETUNE.md"),
+    ("mae", "finetune", "weight_decay", 0.05, "FINETUNE.md"),
+    ("mae", "finetune", "drop_path", 0.1, "FINETUNE.md"),
+    ("mae", "finetune", "clip_grad", None, "main_finetune.py"),
+    ("mae", "finetune", "mixup", 0.8, "FINETUNE.md"),
+    ("mae", "finetune", "cutmix", 1.0, "FINETUNE.md"),
+    ("mae", "finetune", "label_smoothing", 0.1, "main_finetune.py"),
+    ("mae", "finetune", "random_erasing", 0.25, "main_finetune.py"),
+    ("mae", "linear", "optimizer", "lars", "lars.py"),
+    ("mae", "linear", "base_lr", 0.1, "main_linprobe.py"),
+    ("mae", "linear", "lr_batch_divisor", 256, "main_linprobe.py"),
+    ("mae", "linear", "epochs", 90, "main_linprobe.py"),
+    ("mae", "linear", "warmup_epochs", 10, "main_linprobe.py"),
+    ("mae", "linear", "batch_size", 16384, "main_linprobe.py"),
+    ("mae", "linear", "weight_decay", 0.0, "main_linprobe.py"),
+    ("mae", "linear", "augment", True, "main_linprobe.py"),
+    # SimMIM: microsoft/SimMIM configs/vit_base__800ep/
+    ("simmim", "pretrain", "base_lr", 1e-4, "simmim_pretrain__vit_base__img224__800ep.yaml"),
+    ("simmim", "pretrain", "lr_batch_divisor", 512, "main_simmim.py"),
+    ("simmim", "pretrain", "warmup_epochs", 10, "simmim_pretrain__vit_base__img224__800ep.yaml"),
+    ("simmim", "pretrain", "betas", [0.9, 0.999], "simmim_pretrain__vit_base__img224__800ep.yaml"),
+    ("simmim", "pretrain", "weight_decay", 0.05, "simmim_pretrain__vit_base__img224__800ep.yaml"),
+    ("simmim", "pretrain", "clip_grad", 5.0, "config.py"),
+    ("simmim", "pretrain", "schedule", "multistep", "simmim_pretrain__vit_base__img224__800ep"),
+    ("simmim", "pretrain", "decay_at", [0.875], "simmim_pretrain__vit_base__img224__800ep.yaml"),
+    ("simmim", "pretrain", "decay_rate", 0.1, "simmim_pretrain__vit_base__img224__800ep.yaml"),
+    ("simmim", "pretrain", "crop_scale", [0.67, 1.0], "data_simmim.py"),
+    ("simmim", "pretrain", "interpolation", "bilinear", "data_simmim.py"),
+    ("simmim", "pretrain", "drop_path", 0.1, "simmim_pretrain__vit_base__img224__800ep.yaml"),
+    ("simmim", "finetune", "base_lr", 1.25e-3, "simmim_finetune__vit_base__img224__800ep.yaml"),
+    ("simmim", "finetune", "lr_batch_divisor", 512, "simmim_finetune__vit_base"),
+    ("simmim", "finetune", "warmup_epochs", 20, "simmim_finetune__vit_base__img224__800ep.yaml"),
+    ("simmim", "finetune", "layer_decay", 0.65, "simmim_finetune__vit_base__img224__800ep.yaml"),
+    ("simmim", "finetune", "min_lr", 2.5e-7, "simmim_finetune__vit_base__img224__800ep.yaml"),
+    ("simmim", "finetune", "clip_grad", 5.0, "simmim_finetune__vit_base__img224__800ep.yaml"),
+]
+
+
+def test_card_resolves_every_official_value_with_its_source(capsys):
+    import yaml
+
+    rows = _card(capsys)
+    wrong = []
+    for method, protocol, key, expected, file in OFFICIAL:
+        value, source = _value(rows, method, protocol, key)
+        resolved = yaml.safe_load(value)
+        if isinstance(expected, float) and isinstance(resolved, str):
+            resolved = float(resolved)  # YAML 1.1 reads 5e-06 as a string
+        if resolved != expected or file not in source:
+            wrong.append(f"{method}/{protocol}/{key}: {value} from {source!r}")
+    assert not wrong, wrong

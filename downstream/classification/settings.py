@@ -22,7 +22,7 @@ class KnnSettings:
 @dataclass
 class LinearSettings:
     epochs: int = 90
-    batch_size: int = 256  # the probe trains in one process
+    batch_size: int = 16384  # MAE's (in total); one process, the encoder sees chunks of 256
     base_lr: float = 0.1  # per lr_batch_divisor images
     lr_batch_divisor: int = 256
     warmup_epochs: int = 10
