@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 import re
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
 from timm.layers import resample_abs_pos_embed
+from timm.layers.pos_embed_rel import resize_rel_pos_bias_table
 from torch import Tensor, nn
 
 from ropim.harness.backbone import ViTBackbone
@@ -91,20 +94,29 @@ def load_pretrained_encoder(
     return backbone, cfg
 
 
-def dense_encoder(backbone: ViTBackbone, cfg: Config, img_size: int) -> ViTBackbone:
+def dense_encoder(
+    backbone: ViTBackbone, cfg: Config, img_size: int, relative_ok: bool = False
+) -> ViTBackbone:
     """The same encoder for dense tasks: position embeddings resampled once to ``img_size``
-    (as mmsegmentation and ViTDet do at load), other input sizes resampled per forward."""
+    (as mmsegmentation and ViTDet do at load), other input sizes resampled per forward.
+
+    A relative position bias (BEiT-style; ``relative_ok`` where the task supports it) becomes
+    one table per block, each resized to the ``img_size`` grid as mmsegmentation's BEiT backbone
+    does; such an encoder then takes ``img_size`` inputs only (timm's Beit has no dynamic size).
+    """
     if img_size % backbone.patch_size:
         raise CheckpointError(
             f"crop size {img_size} is not divisible by the encoder's patch size "
             f"{backbone.patch_size}; pick a multiple of {backbone.patch_size}"
         )
     if backbone.relative_position is not None:
-        raise ConfigError(
-            f"model.name={cfg.model.name!r} has a relative position bias; the dense tasks do not "
-            f"yet resize its tables to the crop's grid (tracked work): use a 'vit_*' backbone "
-            f"for segmentation and detection"
-        )
+        if not relative_ok:
+            raise ConfigError(
+                f"model.name={cfg.model.name!r} has a relative position bias; detection (ViTDet) "
+                f"uses its own decomposed relative positions on a plain ViT: use a 'vit_*' "
+                f"backbone for detection"
+            )
+        return _dense_relative(backbone, cfg, img_size)
     m = cfg.model
     dense = ViTBackbone(
         m.name,
@@ -124,6 +136,33 @@ def dense_encoder(backbone: ViTBackbone, cfg: Config, img_size: int) -> ViTBackb
         )
     dense.load_state_dict(state)
     dense.release_position()  # downstream tasks train every encoder weight
+    return dense
+
+
+def _dense_relative(backbone: ViTBackbone, cfg: Config, img_size: int) -> ViTBackbone:
+    cfg = copy.deepcopy(cfg)
+    weights = {k: v for k, v in backbone.state_dict().items() if "relative_position_index" not in k}
+    untie_relative_position(cfg, weights)  # a shared table: one copy per block
+    m = cfg.model
+    dense = ViTBackbone(m.name, img_size, m.patch_size, m.in_chans, m.drop_path, **m.kwargs)
+    suffix = ".relative_position_bias_table"
+    for key in [k for k in weights if k.endswith(suffix)]:
+        target = dense.get_submodule(key[: -len(suffix)])
+        shape = target.relative_position_bias_table.shape
+        if weights[key].shape != shape:
+            with warnings.catch_warnings():  # torch deprecation notes inside timm's resize
+                warnings.simplefilter("ignore", UserWarning)
+                weights[key] = resize_rel_pos_bias_table(
+                    weights[key],
+                    new_window_size=target.window_size,
+                    new_bias_shape=shape,
+                    old_window_size=backbone.grid,
+                )
+    if backbone.vit.pos_embed is not None and dense.grid != backbone.grid:
+        weights["vit.pos_embed"] = resample_abs_pos_embed(
+            weights["vit.pos_embed"], list(dense.grid), list(backbone.grid), 1
+        )
+    dense.load_state_dict(weights, strict=False)  # relative_position_index: rebuilt buffers
     return dense
 
 

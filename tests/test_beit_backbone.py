@@ -82,8 +82,31 @@ def test_fine_tuning_unties_the_shared_table_into_equal_per_block_copies(tmp_pat
     images = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(untied.eval()(images), shared.eval()(images))
-    with pytest.raises(ConfigError, match="relative position bias; the dense tasks"):
+    with pytest.raises(ConfigError, match="use a 'vit_\\*' backbone for detection"):
         dense_encoder(untied, untied_cfg, 56)
+
+
+def test_dense_tasks_carry_the_shared_table_per_block_resized_to_the_crop(tmp_path):
+    from downstream.pyramid import ViTPyramid
+
+    cfg = load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}", *BEIT_OVERRIDES])
+    run_dir = pretrain(cfg)
+    shared, cfg = load_pretrained_encoder(run_dir)
+    table = shared.vit.rel_pos_bias.relative_position_bias_table  # (2*4-1)^2 + 3 rows
+    same = dense_encoder(shared, cfg, 28, relative_ok=True)
+    assert same.relative_position == "per_layer"
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(same.eval()(images), shared.eval()(images))
+    larger = dense_encoder(shared, cfg, 56, relative_ok=True)  # an 8x8 grid
+    for block in larger.vit.blocks:
+        resized = block.attn.relative_position_bias_table
+        assert resized.shape == ((2 * 8 - 1) ** 2 + 3, table.shape[1])
+        assert torch.equal(resized[-3:], table[-3:])  # the cls rows are carried as they are
+        centre = (2 * 8 - 1) ** 2 // 2  # offset (0, 0) in the 15x15 table; 24 in the 7x7 one
+        torch.testing.assert_close(resized[centre], table[24], atol=1e-3, rtol=0)
+    levels = ViTPyramid(larger, [0, 1, 1, 1])(torch.randn(1, 3, 56, 56))
+    assert [tuple(level.shape[-2:]) for level in levels] == [(32, 32), (16, 16), (8, 8), (4, 4)]
 
 
 def _mae_style(**kwargs) -> ViTBackbone:

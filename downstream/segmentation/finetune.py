@@ -72,7 +72,13 @@ def build_segmenter(
     run_dir: str | Path, settings: SegmentationSettings, num_classes: int
 ) -> tuple[UperNetSegmenter, Config]:
     encoder, cfg = load_pretrained_encoder(run_dir, drop_path=settings.drop_path)
-    dense = dense_encoder(encoder, cfg, settings.crop_size)
+    dense = dense_encoder(encoder, cfg, settings.crop_size, relative_ok=True)
+    if dense.relative_position is not None and settings.inference == "whole":
+        raise ConfigError(
+            f"segmentation.inference=whole needs an encoder that takes any image size; "
+            f"model.name={cfg.model.name!r} has relative position tables sized for the "
+            f"{settings.crop_size}-px crop: use segmentation.inference=slide"
+        )
     depth = len(dense.vit.blocks)
     indices = settings.out_indices or default_out_indices(depth)
     pyramid = ViTPyramid(dense, indices)
