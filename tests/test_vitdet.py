@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from torch import nn
 from torchvision.ops import MultiScaleRoIAlign
 
 from downstream.detection.vitdet import (
@@ -113,3 +114,45 @@ def test_bench_dense_reports_a_variant_that_does_not_fit():
 
     (row,) = bench_dense(("vitdet_global",), detection_size=64, depth=2, cap_gib=0.05)
     assert "0.05 GiB cap" in row["error"]
+
+
+def test_detectron2_groups_decay_biases_but_not_norms_or_positions():
+    from timm.models import VisionTransformer
+
+    from ropim.harness.optim import layer_decay_adamw
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = VisionTransformer(
+                img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2, num_classes=0
+            )
+            self.head = nn.Linear(8, 3)
+
+        def group_matcher(self, coarse=False):
+            return {
+                "stem": r"^vit\.(?:cls_token|pos_embed|patch_embed)",
+                "blocks": r"^vit\.blocks\.(\d+)",
+            }
+
+        def no_weight_decay(self):
+            return {"vit.pos_embed", "vit.cls_token"}
+
+    model = Tiny()
+    optimizer = layer_decay_adamw(model, 1e-4, 0.1, 0.5, (0.9, 0.999), decay_biases=True)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    decay = {name: group_of[id(p)]["weight_decay"] for name, p in model.named_parameters()}
+    scale = {name: group_of[id(p)]["lr_scale"] for name, p in model.named_parameters()}
+    assert decay["head.bias"] == decay["vit.blocks.0.mlp.fc1.bias"] == 0.1  # biases decayed
+    assert decay["vit.blocks.0.norm1.weight"] == decay["vit.blocks.0.norm1.bias"] == 0.0
+    assert decay["vit.pos_embed"] == 0.0 and decay["vit.blocks.1.attn.qkv.weight"] == 0.1
+    # stem 0.5^3, block 0 0.5^2, block 1 0.5, the rest (final norm, head) 1
+    assert (
+        scale["vit.patch_embed.proj.weight"] == 0.125 and scale["vit.blocks.0.norm1.weight"] == 0.25
+    )
+    assert scale["vit.blocks.1.mlp.fc2.bias"] == 0.5 and scale["head.weight"] == 1.0
+    timm_groups = layer_decay_adamw(model, 1e-4, 0.1, 0.5, (0.9, 0.999))
+    no_decay = {
+        id(p) for g in timm_groups.param_groups if g["weight_decay"] == 0 for p in g["params"]
+    }
+    assert id(model.head.bias) in no_decay  # timm's fine-tune groups: all 1-D parameters exempt

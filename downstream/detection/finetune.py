@@ -105,7 +105,12 @@ def finetune_detection(
     )
     fabric = make_fabric(cfg.train.accelerator, cfg.train.precision)
     optimizer = layer_decay_adamw(
-        model, settings.lr, settings.weight_decay, settings.layer_decay, settings.betas
+        model,
+        settings.lr,
+        settings.weight_decay,
+        settings.layer_decay,
+        settings.betas,
+        decay_biases=settings.decay_biases,
     )
     world = fabric.world_size
     total = max(1, math.ceil(settings.epochs * len(train) / (settings.batch_size * world)))

@@ -26,6 +26,9 @@ class DetectionSettings(TrainingSettings):
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     layer_decay: float = 0.7
+    # Biases decayed, norms and pos_embed not: detectron2 common/optim.py (weight_decay_norm=0),
+    # solver/build.py (bias decay = weight decay), mask_rcnn_vitdet_b_100ep.py (pos_embed 0).
+    decay_biases: bool = True
     warmup_iters: int = 250
     decay_at: list[float] = field(default_factory=lambda: [0.889, 0.963])  # share of training
     drop_path: float = 0.1

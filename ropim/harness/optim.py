@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from timm.models import group_parameters
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from timm.scheduler.scheduler import Scheduler
@@ -107,11 +108,58 @@ def build_scheduler(
     )
 
 
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def detectron2_param_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float
+) -> list[dict[str, Any]]:
+    """detectron2's ViTDet groups: layer-wise lr scales from the model's ``group_matcher``
+    (stem, blocks, the rest last: ``get_vit_lr_decay_rate``), no weight decay on norm layers
+    (``weight_decay_norm=0``) nor on the ``no_weight_decay`` names (``pos_embed``), and every
+    other parameter decayed, biases included (detectron2 ``solver/build.py``: the bias decay
+    defaults to the weight decay; timm's groups exempt all 1-D parameters)."""
+    layer_of = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    last = max(layer_of.values())
+    in_norm = {
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in model.named_modules()
+        if isinstance(module, NORMS)
+        for name, _ in module.named_parameters(recurse=False)
+    }
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = layer_of.get(name, last)
+        decay = name not in in_norm and name not in skip
+        group = groups.setdefault(
+            (layer, decay),
+            {
+                "params": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": layer_decay ** (last - layer),
+            },
+        )
+        group["params"].append(param)
+    return list(groups.values())
+
+
 def layer_decay_adamw(
-    model: nn.Module, lr: float, weight_decay: float, layer_decay: float, betas: Sequence[float]
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    layer_decay: float,
+    betas: Sequence[float],
+    decay_biases: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW with timm's layer-wise lr decay (the model's ``group_matcher``) and no decay on
-    norms, biases and the model's ``no_weight_decay`` names (fine-tuning recipes)."""
+    norms, biases and the model's ``no_weight_decay`` names (fine-tuning recipes);
+    ``decay_biases`` decays biases outside norm layers too, as detectron2 does."""
+    if decay_biases:
+        groups = detectron2_param_groups(model, weight_decay, layer_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
     return create_optimizer_v2(
         model,
         "adamw",
