@@ -121,26 +121,6 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, capsys):
     assert record["status"] == "finished" and record["steps"] == 8
 
 
-def test_torchrun_two_cpu_processes_end_with_identical_weights(tmp_path):
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "ropim",
-    ]
-    result = _cli(tmp_path, "ddp", env={"OMP_NUM_THREADS": "1"}, launcher=launcher)
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((tmp_path / "ddp/run.json").read_text())
-    assert record["world_size"] == 2
-    assert record["optim"]["total_batch"] == 64
-    assert record["steps"] == 4  # 256 images / (2 ranks x 32)
-    digests = record["weights_sha256_per_rank"]
-    assert len(digests) == 2 and digests[0] == digests[1]
-
-
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     from ropim.cli import main
 

@@ -1,16 +1,71 @@
-"""The tiny Table 2 preset end to end, and reports that survive missing methods and seeds."""
+"""The tiny Table 2 preset end to end (one process and two under torchrun), and reports that
+survive missing methods and seeds."""
 
 from __future__ import annotations
 
-import pandas as pd
+import json
+import os
+import subprocess
+import sys
 
+import pandas as pd
+import yaml
+
+from downstream.encoder import load_pretrained_encoder
 from downstream.tasks import all_tasks
+from ropim.harness.runtime import build_encoder, weights_digest
 from ropim.suite.report import build_table
 from ropim.suite.reproduce import make_report, reproduce
 from ropim.suite.results import read_results
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, evaluate
 
 TINY = PROJECT_ROOT / "configs" / "table2_tiny.yaml"
+
+
+def test_tiny_preset_under_torchrun_matches_one_process_where_it_should(tmp_path):
+    """Two CPU processes (gloo), all three tasks. Equal to one process: the random-init floor's
+    encoder, and every frozen-encoder protocol (k-NN, linear probe) of any checkpoint, whose
+    evaluation must not depend on the world size. Not equal, by design: pre-training and the
+    fine-tunes, because each rank draws its own sketches, masks, drop path and mixup (seeded per
+    rank) and BatchNorm statistics stay per process on CPU (SyncBN needs GPUs)."""
+    runs, results = tmp_path / "runs", tmp_path / "results.csv"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "ropim", "reproduce", "--config", str(TINY), f"run.output_dir={runs}",
+        "compare.seeds=[0]", "compare.methods={ropim: {method: {ratio: 0.25}}}",
+        "--results", str(results), "--reports", str(tmp_path / "reports"),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_results(results)
+    assert set(rows["task"]) == {"classification", "segmentation", "detection"}
+    assert set(rows["method"]) == {"ropim", "random_init"}
+    record = json.loads((runs / "table2_tiny" / "ropim_seed0" / "run.json").read_text())
+    assert record["world_size"] == 2 and record["optim"]["total_batch"] == 64
+    digests = record["weights_sha256_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # DDP kept the ranks in step
+
+    floor = runs / "table2_tiny" / "random_init_seed0"
+    encoder, cfg = load_pretrained_encoder(floor)
+    assert weights_digest(encoder) == weights_digest(build_encoder(cfg))
+    raw = yaml.safe_load(TINY.read_text())["classification"] | {"protocols": ["knn", "linear"]}
+    for run in ("ropim_seed0", "random_init_seed0"):
+        alone = evaluate("classification", runs / "table2_tiny" / run, raw, tmp_path / "one.csv")
+        method = "ropim" if run.startswith("ropim") else "random_init"
+        ddp = rows[(rows["method"] == method) & (rows["task"] == "classification")]
+        for row in alone:
+            if row["metric"] == "top1":
+                (value,) = ddp[(ddp["protocol"] == row["protocol"]) & (ddp["metric"] == "top1")][
+                    "value"
+                ]
+                assert value == row["value"], (run, row["protocol"], value, row["value"])
 
 
 def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):

@@ -15,7 +15,7 @@ from timm.data.auto_augment import RandAugment, posterize
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2
 
 from downstream.classification.settings import FinetuneSettings
@@ -137,8 +137,12 @@ def finetune_accuracy(
                 images, labels = mixup(images, labels)
         return criterion(net(images), labels), {}
 
+    # Each rank scores every world-th image, none twice (a DistributedSampler would pad with
+    # repeats and bias the top-1); the counts are summed over ranks.
+    shard = Subset(val_set, range(rank, len(val_set), fabric.world_size))
     val_loader = fabric.setup_dataloaders(
-        DataLoader(val_set, batch_size=256, num_workers=ft.num_workers)
+        DataLoader(shard, batch_size=256, num_workers=ft.num_workers),
+        use_distributed_sampler=False,
     )
 
     def evaluate(net: nn.Module, step: int) -> dict[str, float]:
@@ -149,7 +153,8 @@ def finetune_accuracy(
         for images, labels in val_loader:
             correct += (net(images).argmax(dim=1) == labels).sum()
             seen += len(labels)
-        correct, seen = fabric.all_reduce(correct, "sum"), fabric.all_reduce(seen, "sum")
+        correct = fabric.all_reduce(correct, reduce_op="sum")
+        seen = fabric.all_reduce(seen, reduce_op="sum")
         return {"epoch": round(step / per_epoch, 4), "top1": float(correct / seen)}
 
     hooks = Hooks(

@@ -128,8 +128,10 @@ def finetune_segmentation(
         in_chans,
     )
     views = SeededPairs(train, augment, seed, "segmentation-view")
-    if world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmsegmentation's SyncBN
+    if world > 1 and fabric.device.type == "cuda":
+        # mmsegmentation's SyncBN; torch implements it for GPUs only, so CPU processes
+        # (gloo) keep per-process BatchNorm statistics
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     torch.manual_seed(derive_seed(seed, "segmentation-heads"))
     optimizer = layer_decay_adamw(
         model, settings.lr, settings.weight_decay, settings.layer_decay, settings.betas
