@@ -78,6 +78,7 @@ class SimMIM(MaskingMethod):
                 "base_lr": 1.25e-3,
                 "lr_batch_divisor": 512,
                 "min_lr": 2.5e-7,
+                "min_lr_scaled": True,
                 "layer_decay": 0.65,
                 "weight_decay": 0.05,
                 "drop_path": 0.1,
@@ -85,6 +86,10 @@ class SimMIM(MaskingMethod):
             },
             source="microsoft/SimMIM configs/vit_base__800ep/"
             "simmim_finetune__vit_base__img224__800ep.yaml:4-22",
+            sources={
+                "min_lr_scaled": "SimMIM main_finetune.py (linear_scaled_min_lr = MIN_LR × "
+                "total batch / 512)"
+            },
         )
     }
 

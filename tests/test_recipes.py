@@ -183,3 +183,25 @@ def test_card_resolves_every_official_value_with_its_source(capsys):
         if resolved != expected or file not in source:
             wrong.append(f"{method}/{protocol}/{key}: {value} from {source!r}")
     assert not wrong, wrong
+
+
+def test_each_methods_fine_tune_optimiser_uses_its_own_layer_decay_and_floor():
+    from timm.models import VisionTransformer
+
+    from downstream.classification.finetune import finetune_optimizer
+
+    model = VisionTransformer(
+        img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2, num_classes=3
+    )
+    settings = ClassificationSettings.parse({}, "classification")
+    scales, floors = {}, {}
+    for method in ("ropim", "mae", "simmim"):
+        resolved, _ = settings_for_method(settings, method_class(method).protocol_recipes)
+        optimizer, floors[method] = finetune_optimizer(model, resolved.finetune, 1024)
+        scales[method] = sorted({g["lr_scale"] for g in optimizer.param_groups})
+    # stem, 2 blocks, head: 4 layer groups, scaled decay^3 ... decay^0
+    assert scales["ropim"] == pytest.approx([0.75**k for k in (3, 2, 1, 0)])
+    assert scales["mae"] == scales["simmim"] == pytest.approx([0.65**k for k in (3, 2, 1, 0)])
+    assert floors["ropim"] == pytest.approx(5e-6 * 1024 / 512)  # per 512 images
+    assert floors["simmim"] == pytest.approx(2.5e-7 * 1024 / 512)
+    assert floors["mae"] == 1e-6  # absolute

@@ -91,6 +91,7 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
     assert "random_init − ropim" in text and "mae − random_init" in text
     assert "ropim − random_init" not in text and "the floor each method must beat" in text
     assert "Learning curves" in text
+    assert "table2_tiny/<method>_seed<s>/run.json` (`recipe`, `optim`)" in text
     figures = ["table2_tiny_accuracy_vs_time.png", "table2_tiny_bars.png"]
     figures += ["table2_tiny_learning_curves.png", "table2_tiny_paired.csv"]
     for name in ("table2_tiny.csv", *figures):

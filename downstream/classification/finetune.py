@@ -77,6 +77,23 @@ def _allow_zero_bit_posterize(transform: Any) -> None:
                     op.aug_fn = _posterize
 
 
+def finetune_optimizer(
+    model: nn.Module, ft: FinetuneSettings, total_batch: int
+) -> tuple[torch.optim.Optimizer, float]:
+    """AdamW with the recipe's layer-wise lr decay (timm's groups), and the schedule's floor:
+    ``min_lr`` as given (MAE), or scaled with the batch like the lr (``min_lr_scaled``: ROPIM's
+    and SimMIM's ``MIN_LR × batch / 512``)."""
+    scale = total_batch / ft.lr_batch_divisor
+    optimizer = create_optimizer_v2(
+        model,
+        "adamw",
+        lr=ft.base_lr * scale,
+        weight_decay=ft.weight_decay,
+        layer_decay=ft.layer_decay,
+    )
+    return optimizer, ft.min_lr * scale if ft.min_lr_scaled else ft.min_lr
+
+
 def finetune_accuracy(
     backbone: ViTBackbone,
     cfg: Config,
@@ -104,16 +121,13 @@ def finetune_accuracy(
     )
     batch = ft.batch_size - ft.batch_size % 2  # mixup pairs samples
     world = fabric.world_size
-    lr = ft.base_lr * batch * world / ft.lr_batch_divisor
-    optimizer = create_optimizer_v2(
-        model, "adamw", lr=lr, weight_decay=ft.weight_decay, layer_decay=ft.layer_decay
-    )
+    optimizer, min_lr = finetune_optimizer(model, ft, batch * world)
     desc = f"finetune {out_dir.parent.name}"
     plan = LoopPlan.for_task(
         ft, seed, desc, epochs=ft.epochs, batch_size=batch, clip_grad=ft.clip_grad
     )
     per_epoch, total = plan_steps(len(train_set), plan, world)
-    scheduler = build_scheduler(optimizer, total, round(ft.warmup_epochs * per_epoch), ft.min_lr)
+    scheduler = build_scheduler(optimizer, total, round(ft.warmup_epochs * per_epoch), min_lr)
     mixing = ft.mixup > 0 or ft.cutmix > 0
     mixup = (
         Mixup(

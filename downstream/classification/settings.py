@@ -44,6 +44,7 @@ class FinetuneSettings(TrainingSettings):
     lr_batch_divisor: int = 256
     warmup_epochs: float = 5
     min_lr: float = 1e-6
+    min_lr_scaled: bool = False  # true: min_lr is per lr_batch_divisor images, like base_lr
     layer_decay: float = 0.65
     weight_decay: float = 0.05
     drop_path: float = 0.1

@@ -1,5 +1,5 @@
 """What one training iteration of the dense tasks costs at paper scale on this machine: ViTDet's
-ViT-B/16 encoder and pyramid at 1024 px (1 image, as per GPU in the paper) with window attention
+ViT-B/16 encoder and pyramid at 1024 px (one image) with window attention
 as published against global attention in every block, and UperNet on ViT-B/16 at 512 px
 (2 images, as per GPU in the paper).
 
@@ -22,8 +22,9 @@ import torch
 from ropim.harness.backbone import ViTBackbone
 
 VARIANTS = ("vitdet_windowed", "vitdet_global", "upernet")
-# Images per GPU as published: ViTDet 64 on 64 GPUs (detectron2 mask_rcnn_vitdet_b_100ep.py),
-# UperNet 8 GPUs × 2 (mmsegmentation upernet_mae-base_fp16_8x2_512x512_160k_ade20k.py).
+# Images per iteration: ViTDet one 1024-px image (time and memory grow about linearly with more;
+# detectron2's total is 64), UperNet 2 as per GPU in mmsegmentation's
+# upernet_mae-base_fp16_8x2_512x512_160k_ade20k.py (8 GPUs × 2).
 BATCH = {"vitdet_windowed": 1, "vitdet_global": 1, "upernet": 2}
 
 

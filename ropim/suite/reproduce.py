@@ -76,9 +76,15 @@ def make_report(
     else:
         header += (
             "Same backbone, data, flips, batch and epochs for every method; each keeps its own "
-            "masking, loss, optimiser, schedule, crop scale and drop path (its published recipe, "
-            "in each run's run.json and config.yaml; `ropim recipes` lists them with sources)."
+            "masking, loss, optimiser, schedule, crops and drop path (its published recipe)."
         )
+    first = planned[0].config.run
+    runs = (Path(first.output_dir) / first.name).parent / "<method>_seed<s>"
+    header += (
+        f" Each run's resolved recipe is in `{runs}/run.json` (`recipe`, `optim`) and its "
+        f"`config.yaml`; `ropim recipes --config {config_path}` lists every value with its "
+        "source."
+    )
     forced = section.get("force_shared") or []
     if forced:
         header += f" Equalised for all methods here (compare.force_shared): {', '.join(forced)}."
