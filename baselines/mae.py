@@ -193,4 +193,7 @@ class MAE(MaskingMethod):
         return self.to_images(prediction)
 
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"mask_token"}
+        """None beyond biases and norms: MAE's ``optim_factory.add_weight_decay(model, wd)``
+        passes no skip list (facebookresearch/mae main_pretrain.py:178-179), so its cls token,
+        mask token and any learned position embedding are decayed."""
+        return set()

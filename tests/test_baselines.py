@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from ropim.harness.config import load_config
+from ropim.harness.backbone import ViTBackbone
+from ropim.harness.config import TrainSection, load_config
 from ropim.harness.errors import ConfigError
 from ropim.harness.patches import patchify
 from ropim.harness.pretrain import pretrain
@@ -335,3 +336,21 @@ def test_every_comparison_preset_builds_each_of_its_methods(preset):
         if run.pretrained:
             fill_from_recipe(run.config, method_class(run.method).recipe)
             build_method(run.config.method, build_encoder(run.config))
+
+
+def test_mae_decays_its_tokens_as_its_optimiser_does_and_ropim_does_not():
+    from ropim.harness.optim import build_optimizer, resolve
+
+    def undecayed(name):
+        torch.manual_seed(0)
+        backbone = ViTBackbone("vit_tiny_patch16_224", 28, 7, depth=1, embed_dim=32, num_heads=2)
+        settings = {"mae": {"decoder_depth": 1, "decoder_dim": 32, "decoder_heads": 2}}
+        method = build_method({"name": name, **settings.get(name, {})}, backbone)
+        optimizer = build_optimizer(method, resolve(TrainSection(), method.recipe, 1))
+        free = {
+            id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]
+        }
+        return {n for n, p in method.named_parameters() if id(p) in free and p.ndim > 1}
+
+    assert undecayed("mae") == set()  # cls token, mask token, positions: all decayed
+    assert undecayed("ropim") == {"backbone.vit.cls_token", "backbone.vit.pos_embed"}
