@@ -265,3 +265,20 @@ def test_augmented_probe_trains_through_the_frozen_encoder(monkeypatch):
     assert not torch.equal(first, views[0][0])  # ...of a new random view each epoch
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     assert 0.0 <= acc <= 1.0
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "beit_base_patch16_224"])
+def test_finetune_head_is_mean_pool_fresh_fc_norm_and_a_tiny_linear(name):
+    from downstream.classification.finetune import published_head
+    from ropim.harness.backbone import ViTBackbone
+
+    torch.manual_seed(0)
+    vit = ViTBackbone(name, 28, 7, depth=2, embed_dim=32, num_heads=2).vit
+    published_head(vit, 10)
+    assert isinstance(vit.norm, torch.nn.Identity)  # no final norm on the tokens
+    assert torch.equal(vit.fc_norm.weight, torch.ones(32))  # a fresh LayerNorm after pooling
+    assert vit.head.weight.std() < 1e-4 and torch.equal(vit.head.bias, torch.zeros(10))
+    images = torch.randn(2, 3, 28, 28)
+    tokens = vit.forward_features(images)
+    expected = vit.head(vit.fc_norm(tokens[:, vit.num_prefix_tokens :].mean(dim=1)))
+    torch.testing.assert_close(vit(images), expected)

@@ -77,6 +77,18 @@ def _allow_zero_bit_posterize(transform: Any) -> None:
                     op.aug_fn = _posterize
 
 
+def published_head(vit: nn.Module, num_classes: int) -> None:
+    """The fine-tune head all three papers use: mean of the patch tokens with no final token
+    norm, a fresh LayerNorm after pooling (``fc_norm``), then a linear head trunc-normal at
+    std 2e-5 with a zero bias (MAE ``models_vit.py:27-32,46-48``, ``main_finetune.py:257``;
+    ROPIM/BEiT ``vision_transformer.py:251-265,320-322``: std 0.02 × init scale 0.001)."""
+    vit.reset_classifier(num_classes, global_pool="avg")
+    vit.norm = nn.Identity()
+    vit.fc_norm = nn.LayerNorm(vit.embed_dim, eps=1e-6)
+    nn.init.trunc_normal_(vit.head.weight, std=2e-5)
+    nn.init.zeros_(vit.head.bias)
+
+
 def finetune_optimizer(
     model: nn.Module, ft: FinetuneSettings, total_batch: int
 ) -> tuple[torch.optim.Optimizer, float]:
@@ -112,7 +124,7 @@ def finetune_accuracy(
     fabric = make_fabric(cfg.train.accelerator, cfg.train.precision)
     torch.manual_seed(derive_seed(seed, "classifier-head"))
     model = backbone.vit
-    model.reset_classifier(num_classes, global_pool="avg")
+    published_head(model, num_classes)
     train_set = SeededViews(load_images(cfg.data, "train"), finetune_transform(cfg, ft), seed)
     val_set = SeededViews(
         load_images(cfg.data, "val"),
