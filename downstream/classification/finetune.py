@@ -13,7 +13,6 @@ from PIL import Image
 from timm.data import Mixup, create_transform
 from timm.data.auto_augment import RandAugment, posterize
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2
@@ -24,7 +23,7 @@ from ropim.harness.checkpoint import backbone_signature
 from ropim.harness.config import Config
 from ropim.harness.data import SeededViews, dataset_stats, eval_transform, load_images
 from ropim.harness.loop import Hooks, LoopPlan, plan_steps, train_loop
-from ropim.harness.optim import build_scheduler
+from ropim.harness.optim import build_scheduler, layer_decay_adamw
 from ropim.harness.runtime import make_fabric
 from ropim.harness.seeding import derive_seed, seeded_host_rngs
 
@@ -77,6 +76,9 @@ def _allow_zero_bit_posterize(transform: Any) -> None:
                     op.aug_fn = _posterize
 
 
+FINETUNE_BETAS = (0.9, 0.999)  # AdamW's default: MAE main_finetune.py, ROPIM finetune yaml:26
+
+
 def published_head(vit: nn.Module, num_classes: int) -> None:
     """The fine-tune head all three papers use: mean of the patch tokens with no final token
     norm, a fresh LayerNorm after pooling (``fc_norm``), then a linear head trunc-normal at
@@ -96,12 +98,8 @@ def finetune_optimizer(
     ``min_lr`` as given (MAE), or scaled with the batch like the lr (``min_lr_scaled``: ROPIM's
     and SimMIM's ``MIN_LR × batch / 512``)."""
     scale = total_batch / ft.lr_batch_divisor
-    optimizer = create_optimizer_v2(
-        model,
-        "adamw",
-        lr=ft.base_lr * scale,
-        weight_decay=ft.weight_decay,
-        layer_decay=ft.layer_decay,
+    optimizer = layer_decay_adamw(
+        model, ft.base_lr * scale, ft.weight_decay, ft.layer_decay, FINETUNE_BETAS
     )
     return optimizer, ft.min_lr * scale if ft.min_lr_scaled else ft.min_lr
 
