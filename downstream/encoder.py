@@ -129,14 +129,23 @@ def dense_encoder(
         **(m.kwargs | {"dynamic_img_size": True}),
     )
     state = backbone.state_dict()
-    if backbone.vit.pos_embed is not None and dense.grid != backbone.grid:
-        prefix = 0 if backbone.vit.no_embed_class else backbone.num_prefix_tokens
-        state["vit.pos_embed"] = resample_abs_pos_embed(
-            state["vit.pos_embed"], list(dense.grid), list(backbone.grid), prefix
-        )
+    _resample_positions(state, backbone, dense)
     dense.load_state_dict(state)
     dense.release_position()  # downstream tasks train every encoder weight
     return dense
+
+
+def _resample_positions(
+    state: dict[str, Tensor], backbone: ViTBackbone, dense: ViTBackbone
+) -> None:
+    """An absolute position embedding in ``state`` resampled from the pre-training grid to the
+    dense encoder's (prefix tokens kept as they are)."""
+    if backbone.vit.pos_embed is None or dense.grid == backbone.grid:
+        return
+    prefix = 0 if getattr(backbone.vit, "no_embed_class", False) else backbone.num_prefix_tokens
+    state["vit.pos_embed"] = resample_abs_pos_embed(
+        state["vit.pos_embed"], list(dense.grid), list(backbone.grid), prefix
+    )
 
 
 def _dense_relative(backbone: ViTBackbone, cfg: Config, img_size: int) -> ViTBackbone:
@@ -158,10 +167,7 @@ def _dense_relative(backbone: ViTBackbone, cfg: Config, img_size: int) -> ViTBac
                     new_bias_shape=shape,
                     old_window_size=backbone.grid,
                 )
-    if backbone.vit.pos_embed is not None and dense.grid != backbone.grid:
-        weights["vit.pos_embed"] = resample_abs_pos_embed(
-            weights["vit.pos_embed"], list(dense.grid), list(backbone.grid), 1
-        )
+    _resample_positions(weights, backbone, dense)
     dense.load_state_dict(weights, strict=False)  # relative_position_index: rebuilt buffers
     return dense
 

@@ -221,9 +221,9 @@ def test_augmented_probe_trains_through_the_frozen_encoder(monkeypatch):
     from downstream.classification import linear_probe
     from downstream.classification.evaluate import probe_transform
     from downstream.classification.linear_probe import (
-        ProbeRecipe,
         augmented_linear_probe_accuracy,
     )
+    from downstream.classification.settings import LinearSettings
     from ropim.harness.data import SeededViews, eval_transform, load_images
     from ropim.harness.probe import extract_features
     from ropim.harness.runtime import build_encoder
@@ -243,7 +243,7 @@ def test_augmented_probe_trains_through_the_frozen_encoder(monkeypatch):
 
     backbone.pooled_features = spy
     monkeypatch.setattr(linear_probe, "FEATURE_CHUNK", 8)  # a batch of 32 in 4 encoder passes
-    recipe = ProbeRecipe(epochs=3, batch_size=32, warmup_epochs=1, optimizer="sgd", base_lr=1.0)
+    recipe = LinearSettings(epochs=3, batch_size=32, warmup_epochs=1, optimizer="sgd", base_lr=1.0)
     views = SeededViews(train, probe_transform(cfg, [0.08, 1.0]), seed=0)
     acc = augmented_linear_probe_accuracy(
         backbone,

@@ -51,3 +51,13 @@ def test_shipped_configs_load():
             assert len(plan_comparison(path)) >= 3, path
         else:
             load_config(path)
+
+
+def test_unknown_crop_interpolation_is_refused_by_name():
+    from ropim.harness.config import load_config
+    from tests.conftest import TINY_CONFIG
+
+    with pytest.raises(
+        ConfigError, match="data.interpolation='lanczos' must be bilinear or bicubic"
+    ):
+        load_config(TINY_CONFIG, ["data.interpolation=lanczos"])

@@ -14,7 +14,6 @@ import torch
 
 from downstream.classification.finetune import finetune_accuracy
 from downstream.classification.linear_probe import (
-    ProbeRecipe,
     augmented_linear_probe_accuracy,
     linear_probe_accuracy,
 )
@@ -74,15 +73,6 @@ def run_classification(
         if "linear" in settings.protocols:
             start = time.perf_counter()
             lin = settings.linear
-            recipe = ProbeRecipe(
-                lin.epochs,
-                lin.batch_size,
-                lin.base_lr,
-                lin.lr_batch_divisor,
-                lin.warmup_epochs,
-                lin.optimizer,
-                lin.weight_decay,
-            )
             if lin.augment:
                 views = SeededViews(train_images, probe_transform(cfg, lin.crop_scale), seed)
                 acc = augmented_linear_probe_accuracy(
@@ -92,15 +82,13 @@ def run_classification(
                     x_val,
                     y_val,
                     num_classes,
-                    recipe,
+                    lin,
                     seed,
                     device,
                     cfg.data.num_workers,
                 )
             else:
-                acc = linear_probe_accuracy(
-                    x_train, y_train, x_val, y_val, num_classes, recipe, seed
-                )
+                acc = linear_probe_accuracy(x_train, y_train, x_val, y_val, num_classes, lin, seed)
             add("linear", "top1", acc)
             add("linear", "seconds", time.perf_counter() - start)
     if "finetune" in settings.protocols:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 from timm.optim import Lars
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from downstream.classification.settings import LinearSettings
 from ropim.harness.backbone import ViTBackbone
 from ropim.harness.data import SeededViews, epoch_batches, steps_per_epoch
 from ropim.harness.optim import build_scheduler
@@ -45,19 +45,6 @@ def mae_lars(model: nn.Module, lr: float, weight_decay: float = 0.0) -> Lars:
     )
 
 
-@dataclass(frozen=True)
-class ProbeRecipe:
-    """How the linear head is trained (MAE's values by default)."""
-
-    epochs: int = 90
-    batch_size: int = 256
-    base_lr: float = 0.1
-    lr_batch_divisor: int = 256
-    warmup_epochs: int = 10
-    optimizer: str = "lars"
-    weight_decay: float = 0.0
-
-
 FEATURE_CHUNK = 256  # images per encoder pass in the augmented probe (MAE's 16384 batch is
 # 32 GPUs × 512; one process gathers a batch's features chunk by chunk)
 
@@ -70,7 +57,7 @@ def train_linear_head(
     dim: int,
     num_classes: int,
     steps_per_epoch: int,
-    recipe: ProbeRecipe,
+    recipe: LinearSettings,
     seed: int,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
@@ -123,7 +110,7 @@ def linear_probe_accuracy(
     val_features: Tensor,
     val_labels: Tensor,
     num_classes: int,
-    recipe: ProbeRecipe = ProbeRecipe(),
+    recipe: LinearSettings,
     seed: int = 0,
 ) -> float:
     """The probe on features extracted once (the evaluation view, no augmentation)."""
@@ -148,7 +135,7 @@ def augmented_linear_probe_accuracy(
     val_features: Tensor,
     val_labels: Tensor,
     num_classes: int,
-    recipe: ProbeRecipe,
+    recipe: LinearSettings,
     seed: int,
     device: torch.device,
     num_workers: int = 0,

@@ -130,7 +130,6 @@ class ViTBackbone(nn.Module):
                 f"VisionTransformer or Beit; choose a 'vit_*' or 'beit_*' model"
             )
         self.vit = vit
-        self.position, self.init = position, init
         if init == "mae" or position == "sincos":
             self._mae_style(vit, name, position, init)
         self.img_size = img_size

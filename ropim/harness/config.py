@@ -254,6 +254,10 @@ def check_values(config: Config) -> None:
         raise ConfigError(
             f"train.decay_at={train.decay_at} must hold fractions of training between 0 and 1"
         )
+    if config.data.interpolation not in (None, "bilinear", "bicubic"):
+        raise ConfigError(
+            f"data.interpolation={config.data.interpolation!r} must be bilinear or bicubic"
+        )
     crop_pct = config.data.eval_crop_pct
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise ConfigError(f"data.eval_crop_pct={crop_pct} must be in (0, 1] (0.875: 256 -> 224)")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from ropim.harness.config import DataSection
 from ropim.harness.data import load_images, pretrain_views
+from ropim.harness.registry import method_class
 
 JPEG_SIZE = (500, 375)  # ImageNet's most common size
 
@@ -92,8 +93,9 @@ def loader_rate(data: DataSection, img_size: int, workers: int, batch_size: int 
 
 REPEATS = 3  # each one-core rate is the best of 3 passes (one pass over 200 files is ~0.3 s)
 
-# The pre-training views measured: MAE's (small bicubic crops) and ROPIM/SimMIM's.
-VIEWS = {"mae": ([0.2, 1.0], "bicubic"), "ropim": ([0.67, 1.0], "bilinear")}
+# The pre-training views measured, from these methods' recipes: MAE's small bicubic crops and
+# ROPIM's (= SimMIM's) bilinear ones.
+VIEW_METHODS = ("mae", "ropim")
 
 
 def bench_data(
@@ -111,7 +113,9 @@ def bench_data(
         for path in ("full", "scaled"):
             decode_rate(paths, path)  # warm the file cache and the decoder
             decoded = max(decode_rate(paths, path) for _ in range(REPEATS))
-            for view, (scale, interpolation) in VIEWS.items():
+            for view in VIEW_METHODS:
+                recipe = method_class(view).recipe
+                scale, interpolation = list(recipe.crop_scale), recipe.interpolation
                 data = DataSection(
                     dataset="imagefolder",
                     root=str(root),
