@@ -107,7 +107,8 @@ class SimMIM(MaskingMethod):
         self.mask_ratio = mask_ratio
         self.block_tokens = mask_patch_size // p
         self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        # truncated at ±1 std, not ±2 absolute: SimMIM models/simmim.py:63-67
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
         self.head = linear_pixel_head(backbone)
 
     def prepare(
@@ -136,6 +137,3 @@ class SimMIM(MaskingMethod):
     def encoder_view(self, images: Tensor, state: Tensor) -> Tensor:
         patches = patchify(images, self.patch_size)
         return self.to_images(patches * (1 - state).unsqueeze(-1))
-
-    def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"mask_token"}

@@ -338,19 +338,38 @@ def test_every_comparison_preset_builds_each_of_its_methods(preset):
             build_method(run.config.method, build_encoder(run.config))
 
 
-def test_mae_decays_its_tokens_as_its_optimiser_does_and_ropim_does_not():
+@pytest.mark.parametrize("backbone_name", ["vit_tiny_patch16_224", "beit_base_patch16_224"])
+def test_each_method_exempts_from_weight_decay_what_its_official_optimiser_does(backbone_name):
+    """MAE's ``add_weight_decay`` gets no skip list: every ≥2-D parameter is decayed. ROPIM's
+    and SimMIM's ``optimizer.py`` skip 1-D parameters, biases and the encoder's
+    ``no_weight_decay`` = {pos_embed, cls_token}: SimMIM's ViT mask token and the shared
+    relative position table are decayed (timm's Beit would exempt the table)."""
     from ropim.harness.optim import build_optimizer, resolve
+
+    beit = backbone_name.startswith("beit")
+    extra = {"use_abs_pos_emb": False, "use_shared_rel_pos_bias": True} if beit else {}
 
     def undecayed(name):
         torch.manual_seed(0)
-        backbone = ViTBackbone("vit_tiny_patch16_224", 28, 7, depth=1, embed_dim=32, num_heads=2)
-        settings = {"mae": {"decoder_depth": 1, "decoder_dim": 32, "decoder_heads": 2}}
+        backbone = ViTBackbone(backbone_name, 28, 7, depth=1, embed_dim=32, num_heads=2, **extra)
+        settings = {
+            "mae": {"decoder_depth": 1, "decoder_dim": 32, "decoder_heads": 2},
+            "simmim": {"mask_patch_size": 14},
+        }
         method = build_method({"name": name, **settings.get(name, {})}, backbone)
         optimizer = build_optimizer(method, resolve(TrainSection(), method.recipe, 1))
         free = {
             id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]
         }
+        decayed = {n for n, p in method.named_parameters() if id(p) not in free}
+        if beit:
+            assert "backbone.vit.rel_pos_bias.relative_position_bias_table" in decayed
+        if name == "simmim":
+            assert "mask_token" in decayed
         return {n for n, p in method.named_parameters() if id(p) in free and p.ndim > 1}
 
-    assert undecayed("mae") == set()  # cls token, mask token, positions: all decayed
-    assert undecayed("ropim") == {"backbone.vit.cls_token", "backbone.vit.pos_embed"}
+    tokens = {"backbone.vit.cls_token"} | (set() if beit else {"backbone.vit.pos_embed"})
+    if not beit:
+        assert undecayed("mae") == set()  # cls token, mask token, positions: all decayed
+    assert undecayed("ropim") == tokens
+    assert undecayed("simmim") == tokens

@@ -86,6 +86,26 @@ def test_fine_tuning_unties_the_shared_table_into_equal_per_block_copies(tmp_pat
         dense_encoder(untied, untied_cfg, 56)
 
 
+def test_fine_tuning_decays_the_per_block_tables_as_the_papers_optimiser_does(tmp_path):
+    """ROPIM's and SimMIM's ``build_finetune_optimizer`` exempt 1-D parameters, biases,
+    ``pos_embed`` and ``cls_token``: the per-block relative tables are decayed, although timm's
+    ``Beit.no_weight_decay`` would exempt them."""
+    from downstream.classification.finetune import finetune_optimizer
+    from downstream.classification.settings import ClassificationSettings
+
+    cfg = load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}", *BEIT_OVERRIDES])
+    untied, _ = load_pretrained_encoder(pretrain(cfg), per_layer_bias=True)
+    ft = ClassificationSettings.parse({}, "classification").finetune
+    optimizer, _ = finetune_optimizer(untied.vit, ft, 8, untied.vit_no_weight_decay())
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    vit = untied.vit
+    assert all(
+        decay[id(b.attn.relative_position_bias_table)] == ft.weight_decay > 0 for b in vit.blocks
+    )
+    assert decay[id(vit.cls_token)] == decay[id(vit.blocks[0].gamma_1)] == 0.0
+    assert decay[id(vit.blocks[0].attn.qkv.weight)] == ft.weight_decay
+
+
 def test_dense_tasks_carry_the_shared_table_per_block_resized_to_the_crop(tmp_path):
     from downstream.pyramid import ViTPyramid
 

@@ -4,7 +4,7 @@ decay, drop path, mixup/cutmix, RandAugment, random erasing and label smoothing.
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,14 +92,20 @@ def published_head(vit: nn.Module, num_classes: int) -> None:
 
 
 def finetune_optimizer(
-    model: nn.Module, ft: FinetuneSettings, total_batch: int
+    model: nn.Module, ft: FinetuneSettings, total_batch: int, skip: Collection[str] | None = None
 ) -> tuple[torch.optim.Optimizer, float]:
     """AdamW with the recipe's layer-wise lr decay (timm's groups), and the schedule's floor:
     ``min_lr`` as given (MAE), or scaled with the batch like the lr (``min_lr_scaled``: ROPIM's
-    and SimMIM's ``MIN_LR × batch / 512``)."""
+    and SimMIM's ``MIN_LR × batch / 512``). ``skip``: names kept out of weight decay besides
+    1-D parameters (default: the model's ``no_weight_decay``)."""
     scale = total_batch / ft.lr_batch_divisor
     optimizer = layer_decay_adamw(
-        model, ft.base_lr * scale, ft.weight_decay, ft.layer_decay, FINETUNE_BETAS
+        model,
+        ft.base_lr * scale,
+        ft.weight_decay,
+        ft.layer_decay,
+        FINETUNE_BETAS,
+        no_weight_decay=skip,
     )
     return optimizer, ft.min_lr * scale if ft.min_lr_scaled else ft.min_lr
 
@@ -131,7 +137,7 @@ def finetune_accuracy(
     )
     batch = ft.batch_size - ft.batch_size % 2  # mixup pairs samples
     world = fabric.world_size
-    optimizer, min_lr = finetune_optimizer(model, ft, batch * world)
+    optimizer, min_lr = finetune_optimizer(model, ft, batch * world, backbone.vit_no_weight_decay())
     desc = f"finetune {out_dir.parent.name}"
     plan = LoopPlan.for_task(
         ft, seed, desc, epochs=ft.epochs, batch_size=batch, clip_grad=ft.clip_grad

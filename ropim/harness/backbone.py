@@ -220,5 +220,19 @@ class ViTBackbone(nn.Module):
         return features
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names (relative to this module) excluded from weight decay besides 1-D ones."""
-        return {f"vit.{n}" for n in self.vit.no_weight_decay()}
+        """Parameter names (relative to this module) excluded from weight decay besides 1-D
+        ones: ``vit_no_weight_decay`` under ``vit.``."""
+        return {f"vit.{name}" for name in self.vit_no_weight_decay()}
+
+    def vit_no_weight_decay(self) -> set[str]:
+        """The same names relative to the timm model (fine-tuning trains ``self.vit`` alone):
+        the absolute position embedding and the prefix tokens, as every official codebase of
+        the suite exempts them (ROPIM and SimMIM ``models/vision_transformer.py``
+        ``no_weight_decay`` = ``{pos_embed, cls_token}``; MAE's fine-tune and mmsegmentation's
+        layer-decay constructor alike). Relative position tables are decayed, as in those
+        codebases, although timm's ``Beit.no_weight_decay`` lists them."""
+        return {
+            name
+            for name in self.vit.no_weight_decay()
+            if "relative_position_bias_table" not in name
+        }

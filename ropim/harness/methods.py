@@ -146,7 +146,9 @@ class MaskingMethod(nn.Module, ABC):
         return []
 
     def no_weight_decay(self) -> set[str]:
-        """Names excluded from weight decay besides biases/norms: positions, cls, mask tokens."""
+        """Names excluded from weight decay besides biases and norms: the backbone's absolute
+        positions and cls token (ROPIM and SimMIM ``optimizer.py`` skip exactly these; a
+        method's own tokens, SimMIM's mask token included, are decayed there)."""
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
 

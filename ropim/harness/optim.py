@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from timm.models import group_parameters
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
@@ -112,12 +112,12 @@ NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalRes
 
 
 def detectron2_param_groups(
-    model: nn.Module, weight_decay: float, layer_decay: float
+    model: nn.Module, weight_decay: float, layer_decay: float, skip: Collection[str]
 ) -> list[dict[str, Any]]:
     """detectron2's ViTDet groups: layer-wise lr scales from the model's ``group_matcher``
     (stem, blocks, the rest last: ``get_vit_lr_decay_rate``), no weight decay on norm layers
-    (``weight_decay_norm=0``) nor on the ``no_weight_decay`` names (``pos_embed``), and every
-    other parameter decayed, biases included (detectron2 ``solver/build.py``: the bias decay
+    (``weight_decay_norm=0``) nor on the ``skip`` names (``pos_embed``), and every other
+    parameter decayed, biases included (detectron2 ``solver/build.py``: the bias decay
     defaults to the weight decay; timm's groups exempt all 1-D parameters)."""
     layer_of = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
     last = max(layer_of.values())
@@ -127,7 +127,6 @@ def detectron2_param_groups(
         if isinstance(module, NORMS)
         for name, _ in module.named_parameters(recurse=False)
     }
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -153,18 +152,19 @@ def layer_decay_adamw(
     layer_decay: float,
     betas: Sequence[float],
     decay_biases: bool = False,
+    no_weight_decay: Collection[str] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW with timm's layer-wise lr decay (the model's ``group_matcher``) and no decay on
-    norms, biases and the model's ``no_weight_decay`` names (fine-tuning recipes);
+    1-D parameters (norms, biases, layer scales) nor on the ``no_weight_decay`` names (the
+    model's own list when not given: a caller fine-tuning a bare timm model passes the
+    backbone's, since timm's ``Beit`` also exempts relative tables the papers decay);
     ``decay_biases`` decays biases outside norm layers too, as detectron2 does."""
+    if no_weight_decay is None:
+        no_weight_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     if decay_biases:
-        groups = detectron2_param_groups(model, weight_decay, layer_decay)
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
-    return create_optimizer_v2(
-        model,
-        "adamw",
-        lr=lr,
-        weight_decay=weight_decay,
-        layer_decay=layer_decay,
-        betas=tuple(betas),
-    )
+        groups = detectron2_param_groups(model, weight_decay, layer_decay, no_weight_decay)
+    else:
+        groups = param_groups_layer_decay(
+            model, weight_decay, no_weight_decay_list=no_weight_decay, layer_decay=layer_decay
+        )
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
