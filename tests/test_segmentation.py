@@ -205,3 +205,64 @@ def test_segmentation_settings_are_checked():
         segmentation_settings({"crop": 3})
     with pytest.raises(ConfigError, match="segmentation.root is required .*ADE20K_DIR"):
         segmentation_settings({})
+
+
+def _features(backbone, images):
+    backbone.eval()  # no drop path
+    with torch.no_grad():
+        return backbone.run_blocks(backbone.add_position(backbone.embed_patches(images)))
+
+
+@pytest.mark.parametrize("own_scale", [None, 0.5])
+def test_plain_vit_rebuilt_with_relative_layers_starts_from_the_same_features(own_scale):
+    """mmsegmentation's MAE backbone: zero relative tables and layer scale 1.0 per block leave a
+    plain ViT's features unchanged (the dropped key bias shifts no attention weight); a layer
+    scale the encoder already has is carried as it is."""
+    from downstream.relative_layers import add_relative_layers
+    from ropim.harness.runtime import build_encoder
+
+    extra = [] if own_scale is None else [f"model.kwargs.init_values={own_scale}"]
+    cfg = load_config(TINY_CONFIG, extra)
+    torch.manual_seed(0)
+    plain = build_encoder(cfg)
+    for block in plain.vit.blocks:  # non-zero key biases and scales, so the test can fail
+        torch.nn.init.normal_(block.attn.qkv.bias)
+    rebuilt, rebuilt_cfg = add_relative_layers(plain, cfg, layer_scale=1.0)
+    assert rebuilt.relative_position == "per_layer" and rebuilt_cfg.model.name.startswith("beit")
+    block = rebuilt.vit.blocks[0]
+    assert torch.count_nonzero(block.attn.relative_position_bias_table) == 0
+    assert float(block.gamma_1.detach().mean()) == pytest.approx(own_scale or 1.0)
+    images = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(_features(rebuilt, images), _features(plain, images))
+    assert cfg.model.name == "vit_tiny_patch16_224"  # the caller's config is left as it was
+
+
+def test_segmenter_of_a_plain_vit_run_has_per_block_tables_unless_told_not_to(tmp_path):
+    from downstream.segmentation.finetune import build_segmenter
+
+    run_dir = pretrain(load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}"]))
+    settings = segmentation_settings(TINY_SEGMENTATION)
+    model, cfg = build_segmenter(run_dir, settings, 11)
+    encoder = model.encoder
+    assert encoder.relative_position == "per_layer" and cfg.model.name.startswith("beit")
+    assert encoder.vit.pos_embed.shape[1] == 1 + (56 // 7) ** 2  # resized to the crop
+    decayed = {n for n, p in model.named_parameters() if n not in model.no_weight_decay()}
+    assert any(n.endswith("relative_position_bias_table") for n in decayed)
+    plain, _ = build_segmenter(
+        run_dir, segmentation_settings(TINY_SEGMENTATION | {"relative_position": "none"}), 11
+    )
+    assert plain.encoder.relative_position is None
+    whole = segmentation_settings(TINY_SEGMENTATION | {"inference": "whole"})
+    with pytest.raises(ConfigError, match="relative_position=none"):
+        build_segmenter(run_dir, whole, 11)
+
+
+def test_a_vit_beit_layers_cannot_hold_is_refused_in_one_line():
+    from downstream.relative_layers import add_relative_layers
+    from ropim.harness.runtime import build_encoder
+
+    cfg = load_config(TINY_CONFIG, ["model.kwargs.reg_tokens=2"])
+    with pytest.raises(ConfigError, match="relative_position: none"):
+        add_relative_layers(build_encoder(cfg), cfg, 1.0)
+    with pytest.raises(ConfigError, match="segmentation.relative_position='global'"):
+        segmentation_settings(TINY_SEGMENTATION | {"relative_position": "global"})

@@ -24,6 +24,7 @@ from downstream.encoder import (
     load_pretrained_encoder,
 )
 from downstream.pyramid import ViTPyramid, default_out_indices
+from downstream.relative_layers import add_relative_layers
 from downstream.scenes import (
     NUM_SCENE_CLASSES,
     scene_dataset_dir,
@@ -72,6 +73,15 @@ def build_segmenter(
     run_dir: str | Path, settings: SegmentationSettings, num_classes: int
 ) -> tuple[UperNetSegmenter, Config]:
     encoder, cfg = load_pretrained_encoder(run_dir, drop_path=settings.drop_path)
+    if encoder.relative_position is None and settings.relative_position == "per_layer":
+        if settings.inference == "whole":
+            raise ConfigError(
+                "segmentation.inference=whole needs an encoder that takes any image size, but "
+                "segmentation.relative_position=per_layer sizes its tables for the "
+                f"{settings.crop_size}-px crop: use segmentation.inference=slide, or "
+                "segmentation.relative_position=none"
+            )
+        encoder, cfg = add_relative_layers(encoder, cfg, settings.layer_scale)
     dense = dense_encoder(encoder, cfg, settings.crop_size, relative_ok=True)
     if dense.relative_position is not None and settings.inference == "whole":
         raise ConfigError(

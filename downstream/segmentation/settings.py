@@ -34,6 +34,12 @@ class SegmentationSettings(TrainingSettings):
     poly_power: float = 1.0
     min_lr: float = 0.0
     drop_path: float = 0.1
+    # mmsegmentation's MAE backbone: a plain ViT checkpoint gets BEiT-style blocks with their own
+    # zero-initialised relative position tables and a layer scale at 1.0 (downstream/
+    # relative_layers.py); "none" fine-tunes the plain ViT as pre-trained. Encoders pre-trained
+    # with relative tables (BEiT-style) always carry theirs per block, resized to the crop.
+    relative_position: str = "per_layer"
+    layer_scale: float = 1.0
     out_indices: list[int] | None = None  # None: blocks 4, 6, 8, 12 of 12, spread alike
     channels: int = 768  # UperNet decode-head width
     aux_channels: int = 256
@@ -55,6 +61,12 @@ class SegmentationSettings(TrainingSettings):
             )
         if self.inference not in ("slide", "whole"):
             raise ConfigError(f"{section}.inference={self.inference!r} must be slide or whole")
+        if self.relative_position not in ("per_layer", "none"):
+            raise ConfigError(
+                f"{section}.relative_position={self.relative_position!r} must be per_layer or none"
+            )
+        if not self.layer_scale > 0:
+            raise ConfigError(f"{section}.layer_scale={self.layer_scale} must be positive")
         if self.iterations <= 0:
             raise ConfigError(f"{section}.iterations={self.iterations} must be positive")
         if not 0 < self.layer_decay <= 1:

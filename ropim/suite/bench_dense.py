@@ -1,6 +1,7 @@
 """What one training iteration of the dense tasks costs at paper scale on this machine: ViTDet's
 ViT-B/16 encoder and pyramid at 1024 px (one image) with window attention
-as published against global attention in every block, and UperNet on ViT-B/16 at 512 px
+as published against global attention in every block, and UperNet on ViT-B/16 at 512 px in
+mmsegmentation's BEiT-style blocks (a relative position table per block, layer scale)
 (2 images, as per GPU in the paper).
 
 Each variant runs in its own process (peak resident memory is per process) under a memory cap,
@@ -40,8 +41,12 @@ def _build(variant: str, image: int, depth: int) -> tuple[torch.nn.Module, Any]:
     backbone = ViTBackbone("vit_base_patch16_224", image, 16, drop_path=0.1, **kwargs)
     if variant == "upernet":
         from downstream.pyramid import ViTPyramid, default_out_indices
+        from downstream.relative_layers import BEIT_NAME, beit_kwargs
         from downstream.segmentation.model import UperNetSegmenter
 
+        # mmsegmentation's MAE backbone: BEiT-style blocks, a relative table each, layer scale
+        layers = beit_kwargs(backbone.vit, layer_scale=1.0)
+        backbone = ViTBackbone(BEIT_NAME, image, 16, drop_path=0.1, **layers)
         pyramid = ViTPyramid(backbone, default_out_indices(depth))
         model = UperNetSegmenter(pyramid, 150)  # ADE20K's classes, 768/256-channel heads
         return model, lambda out: out["logits"].mean()
