@@ -148,3 +148,23 @@ def test_knn_monitor_writes_a_learning_curve_and_leaves_the_weights_alone(tmp_pa
     assert all(float(r["train_seconds"]) > 0 for r in rows[1:])
     a, b = _final_weights(plain), _final_weights(monitored)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_encoder_run_is_written_by_rank_zero_and_awaited_by_the_others(tmp_path, monkeypatch):
+    """Under torchrun every rank plans the random-init floor; rank 0 alone writes it (two ranks
+    writing one run.json raced), the others wait for its record."""
+    from ropim.harness import encoder_run
+    from ropim.harness.errors import TrainingError
+
+    cfg = load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}", "run.name=floor"])
+    monkeypatch.setattr(encoder_run, "WAIT_S", 0.5)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(TrainingError, match="rank 0 should have written it"):
+        encoder_run.write_encoder_run(cfg, build_encoder(cfg), {})
+    assert not (tmp_path / "floor" / "checkpoints").exists()  # rank 1 wrote nothing
+    monkeypatch.setenv("RANK", "0")
+    run_dir = encoder_run.write_encoder_run(cfg, build_encoder(cfg), {})
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    assert [p.name for p in run_dir.iterdir() if p.suffix == ".tmp"] == []
+    monkeypatch.setenv("RANK", "1")
+    assert encoder_run.write_encoder_run(cfg, build_encoder(cfg), {}) == run_dir

@@ -3,6 +3,8 @@ of a comparison, or weights brought from outside. Downstream tasks read it like 
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from torch import nn
 from ropim.harness.backbone import ViTBackbone
 from ropim.harness.checkpoint import STATE_FILE, WEIGHTS_FILE, backbone_signature, save_weights
 from ropim.harness.config import Config, save_config
+from ropim.harness.errors import TrainingError
 from ropim.harness.records import code_version, hardware, library_versions, write_json
 
 
@@ -26,8 +29,15 @@ class _AsMethod(nn.Module):
 
 def write_encoder_run(cfg: Config, encoder: ViTBackbone, record: dict[str, Any]) -> Path:
     """``<output_dir>/<name>/`` with config, one checkpoint (step 0) and a finished run.json;
-    ``record`` names the method and anything else worth keeping (it wins over the defaults)."""
+    ``record`` names the method and anything else worth keeping (it wins over the defaults).
+
+    Under ``torchrun`` rank 0 writes the run and the other ranks wait for its ``run.json``:
+    every rank writing the same files raced (one rank's rename found the other's temporary
+    file gone)."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if int(os.environ.get("RANK", "0")) != 0:
+        _wait_for(run_dir / "run.json", WAIT_S)
+        return run_dir
     step_dir = run_dir / "checkpoints" / "step_00000000"
     step_dir.mkdir(parents=True, exist_ok=True)
     signature = backbone_signature(encoder)
@@ -53,3 +63,17 @@ def write_encoder_run(cfg: Config, encoder: ViTBackbone, record: dict[str, Any])
     }
     write_json(run_dir / "run.json", defaults | record)
     return run_dir
+
+
+WAIT_S = 600.0
+
+
+def _wait_for(path: Path, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TrainingError(
+                f"{path} did not appear within {seconds:.0f} s: rank 0 should have written it; "
+                "see rank 0's error"
+            )
+        time.sleep(0.2)

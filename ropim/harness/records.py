@@ -17,8 +17,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write via a temporary file so a crash never leaves half a JSON document."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Write via a temporary file so a crash never leaves half a JSON document (named per
+    process, so two processes writing one file cannot take each other's temporary)."""
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, path)
 
