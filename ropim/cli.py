@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     bdn.add_argument("--segmentation-size", type=int, default=512)
     bdn.add_argument("--depth", type=int, default=12)
     bdn.add_argument("--cap-gib", type=float, default=18.0, help="memory cap per variant")
+    bdn.add_argument(
+        "--variants", nargs="+", help="vitdet_windowed, vitdet_global, upernet (default: all)"
+    )
     bench = sub.add_parser("bench-step", help="time training steps (images/s, peak memory)")
     bench.add_argument("--config", "-c", required=True)
     bench.add_argument("--steps", type=int, default=10)
@@ -174,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench-loop":
             return _bench_loop(args)
         if args.command == "bench-dense":
-            from ropim.suite.bench_dense import bench_dense
+            from ropim.suite.bench_dense import VARIANTS, bench_dense
 
             for row in bench_dense(
+                tuple(args.variants or VARIANTS),
                 detection_size=args.detection_size,
                 segmentation_size=args.segmentation_size,
                 depth=args.depth,

@@ -20,6 +20,7 @@ from downstream.detection.vitdet import (
     window_partition,
     window_unpartition,
 )
+from ropim.harness.errors import ConfigError
 from tests.conftest import tiny_backbone
 
 
@@ -114,6 +115,8 @@ def test_bench_dense_reports_a_variant_that_does_not_fit():
 
     (row,) = bench_dense(("vitdet_global",), detection_size=64, depth=2, cap_gib=0.05)
     assert "0.05 GiB cap" in row["error"]
+    with pytest.raises(ConfigError, match="unknown bench-dense variant.*'vitdet'"):
+        bench_dense(("vitdet",))
 
 
 def test_detectron2_groups_decay_biases_but_not_norms_or_positions():

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ropim.harness.backbone import ViTBackbone
+from ropim.harness.errors import ConfigError
 
 VARIANTS = ("vitdet_windowed", "vitdet_global", "upernet")
 # Images per iteration: ViTDet one 1024-px image (time and memory grow about linearly with more;
@@ -108,6 +109,9 @@ def bench_dense(
     iterations: int = 2,
 ) -> list[dict[str, Any]]:
     """One row per variant: seconds for one iteration, peak resident memory of its process."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown bench-dense variant(s) {unknown}; choose from {VARIANTS}")
     context = mp.get_context("spawn")
     rows = []
     for variant in variants:
