@@ -46,9 +46,10 @@ def _why_not_convertible(vit: nn.Module) -> str | None:
     return None
 
 
-def _gamma(layer_scale: nn.Module, width: int, default: float) -> Tensor:
-    if isinstance(layer_scale, LayerScale):
-        return layer_scale.gamma.detach().clone()
+def _gamma(scale_module: nn.Module, width: int, default: float) -> Tensor:
+    """The block's own layer scale when it has one, else ``default`` in every channel."""
+    if isinstance(scale_module, LayerScale):
+        return scale_module.gamma.detach().clone()
     return torch.full((width,), default)
 
 
