@@ -3,7 +3,6 @@ of a comparison, or weights brought from outside. Downstream tasks read it like 
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +16,7 @@ from ropim.harness.checkpoint import STATE_FILE, WEIGHTS_FILE, backbone_signatur
 from ropim.harness.config import Config, save_config
 from ropim.harness.errors import TrainingError
 from ropim.harness.records import code_version, hardware, library_versions, write_json
+from ropim.harness.runtime import launch_rank
 
 
 class _AsMethod(nn.Module):
@@ -27,6 +27,9 @@ class _AsMethod(nn.Module):
         self.backbone = encoder
 
 
+WAIT_S = 600.0  # how long other ranks wait for rank 0's run.json
+
+
 def write_encoder_run(cfg: Config, encoder: ViTBackbone, record: dict[str, Any]) -> Path:
     """``<output_dir>/<name>/`` with config, one checkpoint (step 0) and a finished run.json;
     ``record`` names the method and anything else worth keeping (it wins over the defaults).
@@ -35,7 +38,7 @@ def write_encoder_run(cfg: Config, encoder: ViTBackbone, record: dict[str, Any])
     every rank writing the same files raced (one rank's rename found the other's temporary
     file gone)."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    if int(os.environ.get("RANK", "0")) != 0:
+    if launch_rank() != 0:
         _wait_for(run_dir / "run.json", WAIT_S)
         return run_dir
     step_dir = run_dir / "checkpoints" / "step_00000000"
@@ -63,9 +66,6 @@ def write_encoder_run(cfg: Config, encoder: ViTBackbone, record: dict[str, Any])
     }
     write_json(run_dir / "run.json", defaults | record)
     return run_dir
-
-
-WAIT_S = 600.0
 
 
 def _wait_for(path: Path, seconds: float) -> None:

@@ -26,6 +26,12 @@ def resolve_device(accelerator: str = "auto", precision: str = "auto") -> tuple[
     return accelerator, precision
 
 
+def launch_rank() -> int:
+    """This process's global rank as torchrun set it (0 without torchrun); known before any
+    Fabric exists, for writes only one process may make."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def make_fabric(accelerator: str = "auto", precision: str = "auto") -> Fabric:
     """One process per device; under torchrun the world comes from its environment."""
     accelerator, precision = resolve_device(accelerator, precision)

@@ -4,7 +4,6 @@ the results CSV and ``<run>/<task>.json`` (the "evaluated" mark), both from rank
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 from ropim.harness.errors import CheckpointError
 from ropim.harness.records import code_version, write_json
+from ropim.harness.runtime import launch_rank
 from ropim.harness.tasks import TaskSettings, TaskSpec
 from ropim.suite.results import append_results
 
@@ -58,7 +58,7 @@ class RunRows:
 
     def write(self, results_path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Append to ``results_path`` and write ``<run>/<task>.json`` (the "evaluated" mark)."""
-        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank evaluates
+        if launch_rank() != 0:  # under torchrun every rank evaluates
             return
         append_results(results_path, self.rows)
         payload = {"code": code_version(), "rows": self.rows} | (extra or {})
