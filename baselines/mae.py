@@ -9,13 +9,14 @@ normalised pixels by default ("norm_pix_loss", as the released models).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ropim.harness.backbone import ViTBackbone
+from ropim.harness.backbone import ViTBackbone, xavier_linears
 from ropim.harness.errors import ConfigError, check_ratio
 from ropim.harness.methods import MaskingMethod, ProtocolRecipe, Recipe
 from ropim.harness.patches import patchify
@@ -141,12 +142,25 @@ class MAE(MaskingMethod):
         positions = build_sincos2d_pos_embed(list(backbone.grid), decoder_dim)
         positions = torch.cat([torch.zeros(prefix, decoder_dim), positions])
         self.register_buffer("decoder_pos", positions.unsqueeze(0), persistent=False)
+        # LayerNorm eps 1e-6 in the decoder's blocks and final norm (models_mae.py:57,227).
+        norm = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_blocks = nn.Sequential(
-            *[Block(decoder_dim, decoder_heads, qkv_bias=True) for _ in range(decoder_depth)]
+            *[
+                Block(decoder_dim, decoder_heads, qkv_bias=True, norm_layer=norm)
+                for _ in range(decoder_depth)
+            ]
         )
-        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_norm = norm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, backbone.patch_size**2 * backbone.in_chans)
+        self._init_decoder()
+
+    def _init_decoder(self) -> None:
+        """MAE's ``_init_weights`` reaches the decoder too (models_mae.py:83-90): xavier-uniform
+        on every Linear with zero biases, norms at one/zero, the mask token normal(0.02)."""
         nn.init.normal_(self.mask_token, std=0.02)
+        xavier_linears(
+            self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred
+        )
 
     def prepare(
         self, patch_tokens: Tensor, generator: torch.Generator | None

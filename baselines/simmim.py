@@ -37,6 +37,7 @@ def block_mask(
 
 
 PRETRAIN_YAML = "configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml"
+FINETUNE_YAML = "configs/vit_base__800ep/simmim_finetune__vit_base__img224__800ep.yaml"
 
 
 class SimMIM(MaskingMethod):
@@ -49,6 +50,8 @@ class SimMIM(MaskingMethod):
         weight_decay=0.05,
         clip_grad=5.0,
         base_min_lr=5e-6,
+        base_warmup_lr=5e-7,
+        warmup_prefix=False,
         schedule="multistep",
         decay_at=(0.875,),
         decay_rate=0.1,
@@ -60,8 +63,10 @@ class SimMIM(MaskingMethod):
         sources={
             "base_lr": f"SimMIM {PRETRAIN_YAML}:20, main_simmim.py:218",
             "lr_batch_divisor": "SimMIM main_simmim.py:218",
-            "clip_grad": "SimMIM config.py:129",
-            "base_min_lr": "SimMIM config.py:102 (unused by the multistep schedule)",
+            "clip_grad": "SimMIM config.py:102",
+            "base_min_lr": "SimMIM config.py:100 (unused by the multistep schedule)",
+            "base_warmup_lr": f"SimMIM {PRETRAIN_YAML}:21, main_simmim.py:219 (per 512 images)",
+            "warmup_prefix": "SimMIM lr_scheduler.py:136-140 (milestones count from step 0)",
             "schedule": f"SimMIM {PRETRAIN_YAML}:23-26 (×0.1 at epoch 700 of 800)",
             "decay_at": f"SimMIM {PRETRAIN_YAML}:26 (700/800)",
             "decay_rate": f"SimMIM {PRETRAIN_YAML}:25",
@@ -79,6 +84,8 @@ class SimMIM(MaskingMethod):
                 "lr_batch_divisor": 512,
                 "min_lr": 2.5e-7,
                 "min_lr_scaled": True,
+                "warmup_lr": 2.5e-7,
+                "warmup_prefix": False,
                 "layer_decay": 0.65,
                 "weight_decay": 0.05,
                 "drop_path": 0.1,
@@ -87,8 +94,10 @@ class SimMIM(MaskingMethod):
             source="microsoft/SimMIM configs/vit_base__800ep/"
             "simmim_finetune__vit_base__img224__800ep.yaml:4-22",
             sources={
-                "min_lr_scaled": "SimMIM main_finetune.py (linear_scaled_min_lr = MIN_LR × "
-                "total batch / 512)"
+                "min_lr_scaled": "SimMIM main_finetune.py (linear_scaled_min_lr and _warmup_lr "
+                "= × total batch / 512)",
+                "warmup_lr": f"SimMIM {FINETUNE_YAML}:19 (2.5e-7 per 512 images)",
+                "warmup_prefix": "SimMIM lr_scheduler.py:26-35 (cosine over all steps)",
             },
         )
     }

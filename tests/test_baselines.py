@@ -1,6 +1,7 @@
 """MAE and SimMIM: who sees what, which pixels count, and that each method can learn."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -300,7 +301,10 @@ def test_published_recipe_mode_lets_each_method_keep_its_own_budget(tmp_path):
     from ropim.suite.compare import plan_comparison
 
     planned = {p.method: p.config for p in plan_comparison("configs/table2_published.yaml")}
-    assert (planned["ropim"].train.epochs, planned["mae"].train.epochs) == (300, 800)
+    epochs = {name: planned[name].train.epochs for name in ("ropim", "mae", "simmim")}
+    assert epochs == {"ropim": 300, "mae": 1600, "simmim": 800}  # MAE's released checkpoints
+    inits = {name: planned[name].model.init for name in ("ropim", "mae", "simmim")}
+    assert inits == {"ropim": "simmim", "mae": "mae", "simmim": "simmim"}
     assert planned["mae"].train.batch_size == 512 and planned["simmim"].train.batch_size == 256
     assert planned["ropim"].model.name.startswith("beit")
     assert planned["ropim"].model.kwargs["use_shared_rel_pos_bias"] is True
@@ -373,3 +377,44 @@ def test_each_method_exempts_from_weight_decay_what_its_official_optimiser_does(
         assert undecayed("mae") == set()  # cls token, mask token, positions: all decayed
     assert undecayed("ropim") == tokens
     assert undecayed("simmim") == tokens
+
+
+def test_mae_decoder_is_initialised_as_models_mae():
+    """xavier-uniform on every decoder Linear with zero biases, LayerNorm eps 1e-6
+    (facebookresearch/mae models_mae.py:57,83-90,227)."""
+
+    method = _mae(decoder_depth=2, decoder_dim=32, decoder_heads=2)
+    linears = [m for m in method.decoder_blocks.modules() if isinstance(m, torch.nn.Linear)]
+    for layer in [method.decoder_embed, method.decoder_pred, *linears]:
+        bound = math.sqrt(6 / (layer.in_features + layer.out_features))
+        assert 0.8 * bound < layer.weight.abs().max() <= bound
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    norms = [m for m in method.modules() if isinstance(m, torch.nn.LayerNorm)]
+    decoder_norms = [m for m in method.decoder_blocks.modules() if m in norms]
+    assert method.decoder_norm.eps == 1e-6 and all(n.eps == 1e-6 for n in decoder_norms)
+
+
+def test_ropim_warms_up_from_its_warmup_lr_under_a_cosine_over_all_steps():
+    """ROPIM lr_scheduler.py:22-31: timm's cosine with t_initial = all steps and warmup from
+    WARMUP_LR × batch / 512; MAE's lr_sched.py: from 0, the cosine after warmup."""
+    from ropim.harness.optim import pretrain_scheduler, resolve
+    from ropim.harness.registry import method_class
+
+    def lrs(name: str) -> tuple[list[float], float, float]:
+        settings = resolve(TrainSection(batch_size=1024), method_class(name).recipe, 1)
+        optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=settings.lr)
+        scheduler = pretrain_scheduler(optimizer, settings, total_steps=100, warmup_steps=10)
+        found = []
+        for step in range(100):
+            scheduler.step_update(step)
+            found.append(optimizer.param_groups[0]["lr"])
+        return found, settings.lr, settings.min_lr
+
+    ropim, lr, min_lr = lrs("ropim")
+    assert ropim[0] == pytest.approx(5e-7 * 1024 / 512)
+    cosine_at_10 = min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * 10 / 100))
+    assert ropim[10] == pytest.approx(cosine_at_10) and ropim[10] < lr
+    mae, lr, _ = lrs("mae")
+    assert mae[0] == 0.0 and mae[10] == pytest.approx(lr)
+    simmim, lr, _ = lrs("simmim")
+    assert simmim[0] == pytest.approx(5e-7 * 1024 / 512) and simmim[10] == pytest.approx(lr)

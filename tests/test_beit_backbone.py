@@ -179,3 +179,22 @@ def test_mae_style_options_need_a_plain_vit():
         ViTBackbone("beit_base_patch16_224", 28, 7, position="sincos", **BEIT)
     with pytest.raises(ConfigError, match="model.position='rope'"):
         _mae_style(position="rope")
+
+
+def test_simmim_init_cuts_at_one_std_and_rescales_output_projections():
+    """ROPIM's and SimMIM's ``_trunc_normal_`` cuts at ±1σ (std 0.02): std 0.0108, none beyond
+    0.02; block l's attn.proj and mlp.fc2 then divided by √(2l) (``fix_init_weight``)."""
+    torch.manual_seed(0)
+    beit = {**BEIT, "embed_dim": 192, "num_heads": 3}
+    official = ViTBackbone("beit_base_patch16_224", 28, 7, init="simmim", **beit).vit
+    timm_init = ViTBackbone("beit_base_patch16_224", 28, 7, **beit).vit
+    qkv, conv = official.blocks[0].attn.qkv.weight, official.patch_embed.proj.weight
+    for weight in (qkv, conv, official.cls_token):
+        assert weight.abs().max() <= 0.02
+    assert qkv.std().item() == pytest.approx(0.02 * 0.5379, rel=0.05)
+    assert conv.std().item() == pytest.approx(0.02 * 0.5379, rel=0.05)
+    for layer, block in enumerate(official.blocks, start=1):
+        for weight in (block.attn.proj.weight, block.mlp.fc2.weight):
+            assert weight.abs().max() <= 0.02 / math.sqrt(2 * layer) + 1e-9
+    assert torch.equal(official.blocks[0].attn.q_bias, torch.zeros_like(qkv[0]))
+    assert timm_init.blocks[0].attn.qkv.weight.abs().max() > 0.04  # timm's: uncut at ±2σ

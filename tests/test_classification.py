@@ -282,3 +282,22 @@ def test_finetune_head_is_mean_pool_fresh_fc_norm_and_a_tiny_linear(name):
     tokens = vit.forward_features(images)
     expected = vit.head(vit.fc_norm(tokens[:, vit.num_prefix_tokens :].mean(dim=1)))
     torch.testing.assert_close(vit(images), expected)
+
+
+def test_linear_probe_batchnorm_normalises_per_device_group():
+    """MAE's probe normalises per GPU (512 of 16384, no SyncBN): each group of ``bn_batch``
+    features with its own statistics; the running statistics follow the first group."""
+    from downstream.classification.linear_probe import PerDeviceBatchNorm
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(4, 3), 5 + 3 * torch.randn(4, 3)])
+    grouped = PerDeviceBatchNorm(3, 4, affine=False, eps=1e-6)
+    single = torch.nn.BatchNorm1d(3, affine=False, eps=1e-6)
+    out = grouped(x)
+    halves = [torch.nn.BatchNorm1d(3, affine=False, eps=1e-6) for _ in range(2)]
+    expected = torch.cat([halves[0](x[:4]), halves[1](x[4:])])
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.allclose(grouped.running_mean, halves[0].running_mean)
+    assert not torch.allclose(out, single(x), atol=1e-2)  # one group of 8 differs
+    whole = PerDeviceBatchNorm(3, None, affine=False, eps=1e-6)
+    assert torch.allclose(whole(x), single(x))

@@ -98,22 +98,57 @@ def test_malformed_annotations_and_missing_images_are_named(tmp_path):
         CocoInstances(root, "test")
 
 
-def test_large_scale_jitter_gives_fixed_size_and_boxes_that_fit_the_masks(tmp_path):
+def test_large_scale_jitter_crops_at_most_the_canvas_and_boxes_fit_the_masks(tmp_path):
+    """detectron2's LSJ crops (FixedSizeCrop, pad=False): at most 64 px a side, never padded
+    here (the model pads after normalising)."""
     data = CocoInstances(write_coco_scenes(tmp_path, SMALL), "train")
     jitter = LargeScaleJitter(64, [0.3, 2.0], 0.5, in_chans=3)
     torch.manual_seed(0)
-    seen_fewer = False
+    seen_fewer = seen_smaller = False
     for index in range(len(data)):
         for _ in range(4):
             image, target = jitter(*data[index])
-            assert image.shape == (3, 64, 64) and image.dtype == torch.float32
-            assert target["masks"].shape[1:] == (64, 64)
+            assert image.shape[0] == 3 and max(image.shape[1:]) <= 64
+            assert image.dtype == torch.float32
+            assert target["masks"].shape[1:] == image.shape[1:]
+            seen_smaller |= min(image.shape[1:]) < 64
             assert len(target["boxes"]) == len(target["labels"]) == len(target["masks"])
             for box, mask in zip(target["boxes"], target["masks"], strict=True):
                 ys, xs = mask.nonzero(as_tuple=True)
                 assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
             seen_fewer |= len(target["labels"]) < len(data[index][1]["labels"])
     assert seen_fewer, "crops at scale 2 cut some digits away"
+    assert seen_smaller, "scale 0.3 gives images smaller than the canvas, left unpadded"
+
+
+def test_detector_pads_normalised_images_to_the_square_and_regresses_boxes_with_l1():
+    """detectron2: normalise, then pad 0 to the square (rcnn.py:228-231); L1 box losses."""
+    from downstream.detection.detectron2_io import l1_fastrcnn_loss
+    from downstream.detection.model import ViTDetMaskRCNN
+
+    model = ViTDetMaskRCNN(
+        tiny_backbone(img_size=64, patch_size=8),
+        3,
+        64,
+        [0.5] * 3,
+        [0.25] * 3,
+        fpn_channels=16,
+        box_head_dim=32,
+        mask_head_layers=[16],
+        architecture="light",
+    )
+    transform = model.detector.transform
+    transform.train()
+    batch, _ = transform([torch.full((3, 40, 24), 0.5)])
+    assert batch.tensors.shape == (1, 3, 64, 64) and batch.image_sizes == [(40, 24)]
+    assert batch.tensors.abs().sum() == 0  # the mean colour, then zero padding
+    transform.eval()
+    assert transform([torch.rand(3, 40, 24)])[0].image_sizes == [(64, 38)]  # long side 64
+    logits, deltas = torch.randn(4, 3), torch.zeros(4, 12)
+    targets = [torch.tensor([[0.01, -0.02, 0.5, 0.0]] * 4)]
+    _, loss = l1_fastrcnn_loss(logits, deltas, [torch.tensor([1, 2, 0, 0])], targets)
+    assert loss.item() == pytest.approx(2 * 0.53 / 4)  # L1, not smooth-L1 (0.0049...)
+    assert type(model.detector.rpn).__name__ == "L1RegionProposalNetwork"
 
 
 @pytest.mark.parametrize("patch", [4, 8, 16])

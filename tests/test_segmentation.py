@@ -266,3 +266,35 @@ def test_a_vit_beit_layers_cannot_hold_is_refused_in_one_line():
         add_relative_layers(build_encoder(cfg), cfg, 1.0)
     with pytest.raises(ConfigError, match="segmentation.relative_position='global'"):
         segmentation_settings(TINY_SEGMENTATION | {"relative_position": "global"})
+
+
+def test_mmsegmentation_loss_padding_and_weight_decay():
+    """mmsegmentation 0.x: the loss is a mean over all pixels (ignored ones count 0,
+    avg_non_ignore=False); images are normalised, then padded with 0 (labels 255); the
+    layer-decay constructor decays pos_embed and cls_token (it compares unprefixed names)."""
+    from downstream.segmentation.finetune import segmentation_optimizer
+    from downstream.segmentation.model import UperNetSegmenter, segmentation_loss
+    from downstream.segmentation.settings import SegmentationSettings
+    from downstream.segmentation.transforms import TrainAugment
+
+    logits = torch.randn(1, 3, 2, 2)
+    labels = torch.tensor([[[0, 1], [IGNORE_INDEX, IGNORE_INDEX]]])
+    kept = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    assert segmentation_loss({"logits": logits}, labels, 0.4).item() == pytest.approx(
+        kept.item() / 2
+    )
+
+    augment = TrainAugment(32, [16, 16], [1.0, 1.0], 1.0, 0.0, False, [0.5] * 3, [0.25] * 3, 3)
+    image = torch.full((3, 16, 16), 0.5 * 255)
+    out, label = augment(image, torch.zeros(16, 16, dtype=torch.long), torch.Generator())
+    assert out.shape == (3, 32, 32) and out.abs().max() < 1e-5  # mean colour and zero padding
+    assert (label[16:] == IGNORE_INDEX).all() and (label[:16, :16] == 0).all()
+
+    model = UperNetSegmenter(ViTPyramid(tiny_backbone(), [1]), 3, channels=16, aux_channels=8)
+    optimizer = segmentation_optimizer(model, SegmentationSettings())
+    decay_of = {
+        id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]
+    }
+    vit = model.pyramid.backbone.vit
+    assert decay_of[id(vit.pos_embed)] == decay_of[id(vit.cls_token)] == 0.05
+    assert decay_of[id(vit.blocks[0].norm1.weight)] == 0.0

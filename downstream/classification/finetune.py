@@ -110,6 +110,11 @@ def finetune_optimizer(
     return optimizer, ft.min_lr * scale if ft.min_lr_scaled else ft.min_lr
 
 
+def warmup_start(ft: FinetuneSettings, total_batch: int) -> float:
+    """The lr warmup starts from: ``warmup_lr``, scaled with the batch like ``min_lr``."""
+    return ft.warmup_lr * total_batch / ft.lr_batch_divisor if ft.min_lr_scaled else ft.warmup_lr
+
+
 def finetune_accuracy(
     backbone: ViTBackbone,
     cfg: Config,
@@ -143,7 +148,14 @@ def finetune_accuracy(
         ft, seed, desc, epochs=ft.epochs, batch_size=batch, clip_grad=ft.clip_grad
     )
     per_epoch, total = plan_steps(len(train_set), plan, world)
-    scheduler = build_scheduler(optimizer, total, round(ft.warmup_epochs * per_epoch), min_lr)
+    scheduler = build_scheduler(
+        optimizer,
+        total,
+        round(ft.warmup_epochs * per_epoch),
+        min_lr,
+        warmup_lr=warmup_start(ft, batch * world),
+        warmup_prefix=ft.warmup_prefix,
+    )
     mixing = ft.mixup > 0 or ft.cutmix > 0
     mixup = (
         Mixup(

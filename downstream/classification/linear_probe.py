@@ -45,6 +45,29 @@ def mae_lars(model: nn.Module, lr: float, weight_decay: float = 0.0) -> Lars:
     )
 
 
+class PerDeviceBatchNorm(nn.BatchNorm1d):
+    """BatchNorm whose training statistics come from groups of ``group`` samples, as on
+    ``batch / group`` GPUs without SyncBN; the running statistics follow the first group, as
+    DDP broadcasts rank 0's buffers. Evaluation uses the running statistics as usual."""
+
+    def __init__(self, dim: int, group: int | None, **kwargs) -> None:
+        super().__init__(dim, **kwargs)
+        self.group = group
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.group is None or len(x) < 2 * self.group:
+            return super().forward(x)
+        chunks = x.tensor_split(round(len(x) / self.group))
+        out = [super().forward(chunks[0])]
+        for chunk in chunks[1:]:
+            out.append(
+                nn.functional.batch_norm(
+                    chunk, None, None, self.weight, self.bias, True, 0.0, self.eps
+                )
+            )
+        return torch.cat(out)
+
+
 FEATURE_CHUNK = 256  # images per encoder pass in the augmented probe (MAE's 16384 batch is
 # 32 GPUs × 512; one process gathers a batch's features chunk by chunk)
 
@@ -64,7 +87,8 @@ def train_linear_head(
     """BatchNorm (no affine, eps 1e-6) → linear (trunc-normal 0.01), trained with MAE's LARS
     (or SGD) under warmup + cosine per step; returned in eval mode."""
     torch.manual_seed(seed)
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    norm = PerDeviceBatchNorm(dim, recipe.bn_batch, affine=False, eps=1e-6)
+    head = nn.Sequential(norm, nn.Linear(dim, num_classes))
     nn.init.trunc_normal_(head[1].weight, std=0.01)
     nn.init.zeros_(head[1].bias)
     head.to(device)

@@ -32,6 +32,10 @@ class LinearSettings:
     # through the frozen encoder; false: features of the evaluation view, extracted once.
     augment: bool = True
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    # BatchNorm statistics over groups of this many features: MAE normalises per GPU, 512 of
+    # the 16384 (32 GPUs, no SyncBN: FINETUNE.md:139-150, main_linprobe.py:222); null: the
+    # whole batch.
+    bn_batch: int | None = 512
 
 
 @dataclass
@@ -44,7 +48,10 @@ class FinetuneSettings(TrainingSettings):
     lr_batch_divisor: int = 256
     warmup_epochs: float = 5
     min_lr: float = 1e-6
-    min_lr_scaled: bool = False  # true: min_lr is per lr_batch_divisor images, like base_lr
+    warmup_lr: float = 0.0  # where warmup starts (MAE's lr_sched.py: from 0)
+    # true: min_lr and warmup_lr are per lr_batch_divisor images, like base_lr
+    min_lr_scaled: bool = False
+    warmup_prefix: bool = True  # false: the cosine spans all steps, warmup included
     layer_decay: float = 0.65
     weight_decay: float = 0.05
     drop_path: float = 0.1
@@ -88,6 +95,11 @@ class ClassificationSettings(TaskSettings):
         if self.linear.optimizer not in ("lars", "sgd"):
             raise ConfigError(
                 f"{section}.linear.optimizer={self.linear.optimizer!r} must be lars or sgd"
+            )
+        if self.linear.bn_batch is not None and self.linear.bn_batch < 2:
+            raise ConfigError(
+                f"{section}.linear.bn_batch={self.linear.bn_batch} must be at least 2 "
+                "(BatchNorm needs two samples), or null for the whole batch"
             )
         scale = self.linear.crop_scale
         if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):

@@ -102,6 +102,7 @@ def finetune_detection(
         architecture=settings.architecture,
         window_size=settings.window_size,
         global_indices=settings.global_blocks,
+        box_loss=settings.box_loss,
     )
     fabric = make_fabric(cfg.train.accelerator, cfg.train.precision)
     optimizer = layer_decay_adamw(

@@ -24,6 +24,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from downstream.detection.detectron2_io import BOX_LOSSES, use_detectron2_io
 from downstream.detection.vitdet import AlignedRoIAlign, ViTDetPyramid, global_blocks
 from downstream.encoder import FineTunedViT
 from downstream.pyramid import ViTPyramid
@@ -108,6 +109,7 @@ class ViTDetMaskRCNN(FineTunedViT):
         architecture: str = "vitdet",
         window_size: int = 14,
         global_indices: Sequence[int] | None = None,
+        box_loss: str = "l1",
     ) -> None:
         super().__init__()
         patch = backbone.patch_size
@@ -118,6 +120,8 @@ class ViTDetMaskRCNN(FineTunedViT):
             )
         if architecture not in ARCHITECTURES:
             raise ConfigError(f"detection.architecture={architecture!r}: one of {ARCHITECTURES}")
+        if box_loss not in BOX_LOSSES:
+            raise ConfigError(f"detection.box_loss={box_loss!r}: one of {BOX_LOSSES}")
         if architecture == "vitdet":
             depth = len(backbone.vit.blocks)
             chosen = global_blocks(depth) if global_indices is None else list(global_indices)
@@ -151,6 +155,7 @@ class ViTDetMaskRCNN(FineTunedViT):
             mask_predictor=MaskRCNNPredictor(layers[-1], layers[-1], num_classes + 1),
             **_heads(architecture, fpn_channels, box_head_dim, layers, 3),
         )
+        use_detectron2_io(self.detector, image_size, box_loss)
         self.num_classes = num_classes
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):

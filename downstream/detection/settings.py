@@ -32,6 +32,8 @@ class DetectionSettings(TrainingSettings):
     warmup_iters: int = 250
     decay_at: list[float] = field(default_factory=lambda: [0.889, 0.963])  # share of training
     drop_path: float = 0.1
+    # detectron2's L1 (smooth_l1_beta=0: rpn.py:204, fast_rcnn.py:193); smooth_l1: torchvision's
+    box_loss: str = "l1"
     architecture: str = "vitdet"  # ViTDet's model; "light": global attention, lighter heads
     window_size: int = 14  # vitdet: window attention in every block but the global ones
     global_blocks: list[int] | None = None  # None: 2, 5, 8, 11 of 12, spread alike otherwise
@@ -61,6 +63,8 @@ class DetectionSettings(TrainingSettings):
             )
         if self.architecture not in ("vitdet", "light"):
             raise ConfigError(f"{section}.architecture={self.architecture!r}: vitdet or light")
+        if self.box_loss not in ("l1", "smooth_l1"):
+            raise ConfigError(f"{section}.box_loss={self.box_loss!r}: l1 or smooth_l1")
         if self.window_size <= 0:
             raise ConfigError(f"{section}.window_size={self.window_size} must be positive")
         low, high = self.scale_range

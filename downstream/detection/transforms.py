@@ -29,6 +29,26 @@ def boxes_from_masks(masks: Tensor) -> Tensor:
     return boxes
 
 
+class CropAtMost(v2.Transform):
+    """A random ``size`` window, cut to the image where it is smaller, and no padding:
+    detectron2's ``FixedSizeCrop(pad=False)`` in ViTDet's LSJ (``coco_loader_lsj.py``); the
+    model pads after normalising (``detectron2_io.SquarePadTransform``)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = v2.query_size(flat_inputs)
+        h, w = min(self.size, height), min(self.size, width)
+        top = int(torch.randint(0, height - h + 1, ()))
+        left = int(torch.randint(0, width - w + 1, ()))
+        return {"top": top, "left": left, "height": h, "width": w}
+
+    def transform(self, inpt, params: dict):
+        return TF.crop(inpt, **params)
+
+
 class LargeScaleJitter:
     def __init__(self, size: int, scale_range: Sequence[float], hflip: float, in_chans: int):
         self.in_chans = in_chans
@@ -36,7 +56,7 @@ class LargeScaleJitter:
             [
                 v2.RandomHorizontalFlip(hflip),
                 v2.ScaleJitter((size, size), tuple(scale_range)),  # type: ignore[arg-type]
-                v2.RandomCrop(size, pad_if_needed=True, fill=0),
+                CropAtMost(size),
             ]
         )
 

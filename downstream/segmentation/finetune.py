@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from timm.scheduler import PolyLRScheduler
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from downstream.encoder import (
     dense_encoder,
@@ -67,6 +68,21 @@ def resolve_data(settings: SegmentationSettings, run_dir: Path) -> tuple[Path, i
         scene_dataset_dir(s, scenes_folder(s, run_dir), "ade20k"), spec_of(s)
     )
     return folder, NUM_SCENE_CLASSES, "digit_scenes"
+
+
+def segmentation_optimizer(model: nn.Module, settings: SegmentationSettings) -> Optimizer:
+    """AdamW with layer-wise lr decay. mmsegmentation's LayerDecayOptimizerConstructor exempts
+    1-D parameters and biases, and the names 'pos_embed'/'cls_token', which it compares against
+    'backbone.'-prefixed names: so the absolute positions and the cls token are decayed after
+    all (no skip list here)."""
+    return layer_decay_adamw(
+        model,
+        settings.lr,
+        settings.weight_decay,
+        settings.layer_decay,
+        settings.betas,
+        no_weight_decay=(),
+    )
 
 
 def build_segmenter(
@@ -143,19 +159,18 @@ def finetune_segmentation(
         # (gloo) keep per-process BatchNorm statistics
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     torch.manual_seed(derive_seed(seed, "segmentation-heads"))
-    optimizer = layer_decay_adamw(
-        model, settings.lr, settings.weight_decay, settings.layer_decay, settings.betas
-    )
+    optimizer = segmentation_optimizer(model, settings)
     total = settings.iterations
     warmup = min(settings.warmup_iters, total - 1)
+    # mmcv's PolyLrUpdaterHook: the poly decay runs over all iterations (warmup included).
     scheduler = PolyLRScheduler(
         optimizer,
-        t_initial=max(total - warmup, 1),
+        t_initial=max(total, 1),
         power=settings.poly_power,
         lr_min=settings.min_lr,
         warmup_t=warmup,
         warmup_lr_init=settings.lr * 1e-6,
-        warmup_prefix=True,
+        warmup_prefix=False,
         t_in_epochs=False,
     )
     plan = LoopPlan.for_task(settings, seed, f"seg {run_dir.name}", steps=total, keep_history=True)

@@ -64,10 +64,15 @@ def _upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
+def _pixel_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """mmsegmentation 0.x's CrossEntropyLoss (``avg_non_ignore=False``): the per-pixel loss is
+    0 on ignored pixels and the mean runs over every pixel, ignored ones included."""
+    per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return per_pixel.mean()
+
+
 def segmentation_loss(outputs: dict[str, Tensor], labels: Tensor, aux_weight: float) -> Tensor:
-    loss = F.cross_entropy(outputs["logits"], labels, ignore_index=IGNORE_INDEX)
+    loss = _pixel_loss(outputs["logits"], labels)
     if "aux" in outputs and aux_weight:
-        loss = loss + aux_weight * F.cross_entropy(
-            outputs["aux"], labels, ignore_index=IGNORE_INDEX
-        )
+        loss = loss + aux_weight * _pixel_loss(outputs["aux"], labels)
     return loss

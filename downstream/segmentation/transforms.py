@@ -43,10 +43,12 @@ def resize_pair(image: Tensor, label: Tensor | None, size: tuple[int, int]):
 
 
 def _crop_box(label: Tensor, crop: int, generator: torch.Generator, cat_max_ratio: float):
+    """mmsegmentation's RandomCrop: a ``crop`` window (cut to the image where it is smaller),
+    redrawn up to 10 times while one class covers ``cat_max_ratio`` of it."""
     height, width = label.shape
     for _ in range(10):
-        y = int(torch.randint(0, height - crop + 1, (), generator=generator))
-        x = int(torch.randint(0, width - crop + 1, (), generator=generator))
+        y = int(torch.randint(0, max(height - crop, 0) + 1, (), generator=generator))
+        x = int(torch.randint(0, max(width - crop, 0) + 1, (), generator=generator))
         if cat_max_ratio >= 1.0:
             break
         window = label[y : y + crop, x : x + crop]
@@ -107,10 +109,6 @@ class TrainAugment:
         ratio = _uniform(generator, *self.ratio_range)
         size = keep_ratio_size(*label.shape, self.scale, ratio)
         image, label = resize_pair(image, label, size)
-        pad_h, pad_w = max(self.crop - size[0], 0), max(self.crop - size[1], 0)
-        if pad_h or pad_w:
-            image = F.pad(image, (0, pad_w, 0, pad_h), value=0)
-            label = F.pad(label, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
         y, x = _crop_box(label, self.crop, generator, self.cat_max_ratio)
         image = image[:, y : y + self.crop, x : x + self.crop]
         label = label[y : y + self.crop, x : x + self.crop]
@@ -118,4 +116,11 @@ class TrainAugment:
             image, label = image.flip(-1), label.flip(-1)
         if self.use_photometric:
             image = photometric(image, generator)
-        return normalize(image, self.mean, self.std, self.in_chans), label.contiguous()
+        # mmsegmentation's pipeline: Normalize, then Pad(crop, pad_val=0, seg_pad_val=255), so
+        # the padding is the mean colour, outside the photometric distortion.
+        image = normalize(image, self.mean, self.std, self.in_chans)
+        pad_h, pad_w = self.crop - label.shape[0], self.crop - label.shape[1]
+        if pad_h or pad_w:
+            image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+            label = F.pad(label, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+        return image, label.contiguous()

@@ -5,6 +5,7 @@ SimMIM's pre-training backbone), split at the points masking methods need."""
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any
 
 import timm
@@ -28,7 +29,7 @@ def _check_model_name(name: str) -> None:
 
 
 POSITIONS = ("learned", "sincos")
-INITS = ("timm", "mae")
+INITS = ("timm", "mae", "simmim")
 
 
 def sincos_2d(rows: int, cols: int, dim: int) -> Tensor:
@@ -53,6 +54,20 @@ def sincos_2d(rows: int, cols: int, dim: int) -> Tensor:
     return torch.cat([encode(col), encode(row)], dim=1).float()
 
 
+def xavier_linears(*parts: nn.Module) -> None:
+    """MAE's ``_init_weights`` (models_mae.py:83-90), which it applies to the whole model,
+    decoder included: xavier-uniform on every Linear, zero biases, norms at one and zero."""
+    for part in parts:
+        for module in part.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+
 def mae_init(vit: VisionTransformer) -> None:
     """MAE's encoder initialisation (models_mae.py:75-90): xavier-uniform on every linear layer
     and on the patch projection seen as a matrix, zero biases, cls token normal(0.02), norms at
@@ -61,14 +76,37 @@ def mae_init(vit: VisionTransformer) -> None:
     nn.init.xavier_uniform_(projection.view(projection.shape[0], -1))
     if vit.cls_token is not None:
         nn.init.normal_(vit.cls_token, std=0.02)
+    xavier_linears(vit)
+
+
+def simmim_init(vit: nn.Module, std: float = 0.02) -> None:
+    """ROPIM's and SimMIM's encoder initialisation: BEiT's rule with their truncation. Their
+    ``_trunc_normal_`` override cuts at ±1σ, not timm's ±2 absolute (ROPIM
+    ``models/ropim.py:19-20``, SimMIM ``models/simmim.py:66-67``), and is applied to the cls
+    token, every Linear and Conv2d weight (biases zero, norms one/zero; ROPIM
+    ``models/vision_transformer.py:257-289``); then each block's output projections are
+    divided by √(2·layer) (``fix_init_weight``, :270-276).
+    The resulting std is 0.02·0.538 ≈ 0.0108 (timm's ``Beit``: 0.020, its patch conv 0.021)."""
+
+    def cut(tensor: Tensor) -> None:
+        nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
+
+    for name in ("cls_token", "pos_embed"):
+        table = getattr(vit, name, None)
+        if isinstance(table, nn.Parameter) and table.requires_grad:
+            cut(table)
     for module in vit.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            cut(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+    with torch.no_grad():
+        for layer, block in enumerate(vit.blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
 
 class ViTBackbone(nn.Module):
@@ -130,6 +168,8 @@ class ViTBackbone(nn.Module):
                 f"VisionTransformer or Beit; choose a 'vit_*' or 'beit_*' model"
             )
         self.vit = vit
+        if init == "simmim":
+            simmim_init(vit)
         if init == "mae" or position == "sincos":
             self._mae_style(vit, name, position, init)
         self.img_size = img_size
@@ -226,11 +266,12 @@ class ViTBackbone(nn.Module):
 
     def vit_no_weight_decay(self) -> set[str]:
         """The same names relative to the timm model (fine-tuning trains ``self.vit`` alone):
-        the absolute position embedding and the prefix tokens, as every official codebase of
-        the suite exempts them (ROPIM and SimMIM ``models/vision_transformer.py``
-        ``no_weight_decay`` = ``{pos_embed, cls_token}``; MAE's fine-tune and mmsegmentation's
-        layer-decay constructor alike). Relative position tables are decayed, as in those
-        codebases, although timm's ``Beit.no_weight_decay`` lists them."""
+        the absolute position embedding and the prefix tokens, as ROPIM's and SimMIM's
+        ``models/vision_transformer.py`` (``no_weight_decay`` = ``{pos_embed, cls_token}``) and
+        MAE's fine-tune exempt them (mmsegmentation's UperNet decays them: its constructor
+        compares unprefixed names, so the segmentation task passes no skip list). Relative
+        position tables are decayed, as in those codebases, although timm's
+        ``Beit.no_weight_decay`` lists them."""
         return {
             name
             for name in self.vit.no_weight_decay()

@@ -71,6 +71,7 @@ class TrainSection:
     lr_batch_divisor: int | None = None
     warmup_epochs: float | None = None
     min_lr: float | None = None  # absolute; None: the recipe's base_min_lr, scaled like the lr
+    warmup_lr: float | None = None  # absolute; None: the recipe's base_warmup_lr, scaled
     schedule: str | None = None  # cosine or multistep; None: the method's recipe
     decay_at: list[float] | None = None  # multistep: fractions of training where lr ×decay_rate
     weight_decay: float | None = None

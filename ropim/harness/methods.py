@@ -29,6 +29,11 @@ class Recipe:
     weight_decay: float = 0.05
     clip_grad: float | None = None
     base_min_lr: float = 0.0  # scaled like base_lr: min_lr = base_min_lr · total_batch / divisor
+    # Warmup starts at base_warmup_lr (scaled like base_lr); MAE's from 0.
+    base_warmup_lr: float = 0.0
+    # True: the cosine runs over the steps after warmup (MAE's lr_sched.py); False: it spans all
+    # steps, warmup included, as timm's CosineLRScheduler without warmup_prefix (ROPIM, SimMIM).
+    warmup_prefix: bool = True
     schedule: str = "cosine"  # or "multistep": ×decay_rate at each fraction in decay_at
     decay_at: tuple[float, ...] = ()
     decay_rate: float = 0.1

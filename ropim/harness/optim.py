@@ -26,6 +26,7 @@ class OptimSettings:
     total_batch: int
     lr: float  # base_lr · total_batch / lr_batch_divisor
     min_lr: float
+    warmup_lr: float  # where warmup starts
     warmup_epochs: float
     weight_decay: float
     betas: tuple[float, float]
@@ -33,6 +34,7 @@ class OptimSettings:
     schedule: str = "cosine"
     decay_at: tuple[float, ...] = ()  # multistep: fractions of training
     decay_rate: float = 0.1
+    warmup_prefix: bool = True  # False: the cosine spans all steps, warmup included
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +55,7 @@ def resolve(train: TrainSection, recipe: Recipe, world_size: int) -> OptimSettin
         total_batch=total_batch,
         lr=base_lr * total_batch / divisor,
         min_lr=pick(train.min_lr, recipe.base_min_lr * total_batch / divisor),
+        warmup_lr=pick(train.warmup_lr, recipe.base_warmup_lr * total_batch / divisor),
         warmup_epochs=pick(train.warmup_epochs, recipe.warmup_epochs),
         weight_decay=pick(train.weight_decay, recipe.weight_decay),
         betas=tuple(pick(train.betas, recipe.betas)),  # type: ignore[arg-type]
@@ -60,6 +63,7 @@ def resolve(train: TrainSection, recipe: Recipe, world_size: int) -> OptimSettin
         schedule=pick(train.schedule, recipe.schedule),
         decay_at=tuple(pick(train.decay_at, recipe.decay_at)),
         decay_rate=recipe.decay_rate,
+        warmup_prefix=recipe.warmup_prefix,
     )
 
 
@@ -69,7 +73,14 @@ def pretrain_scheduler(
     """The recipe's schedule: warmup, then cosine to ``min_lr`` or steps of ×``decay_rate`` at
     the ``decay_at`` fractions of training (SimMIM: ×0.1 at 7/8)."""
     if settings.schedule == "cosine":
-        return build_scheduler(optimizer, total_steps, warmup_steps, settings.min_lr)
+        return build_scheduler(
+            optimizer,
+            total_steps,
+            warmup_steps,
+            settings.min_lr,
+            warmup_lr=settings.warmup_lr,
+            warmup_prefix=settings.warmup_prefix,
+        )
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     return MultiStepLRScheduler(
         optimizer,
@@ -79,7 +90,7 @@ def pretrain_scheduler(
         warmup_prefix=False,  # milestones count from step 0, warmup included
         decay_rate=settings.decay_rate,
         warmup_t=warmup_steps,
-        warmup_lr_init=settings.min_lr if warmup_steps else 0.0,
+        warmup_lr_init=settings.warmup_lr,
         t_in_epochs=False,
     )
 
@@ -92,18 +103,27 @@ def build_optimizer(method: MaskingMethod, settings: OptimSettings) -> torch.opt
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float = 0.0
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int,
+    min_lr: float = 0.0,
+    warmup_lr: float | None = None,
+    warmup_prefix: bool = True,
 ) -> CosineLRScheduler:
-    """Per-step linear warmup, then a half-cycle cosine down to ``min_lr`` (timm's scheduler;
-    call ``step_update(step)`` before each step)."""
+    """Per-step linear warmup from ``warmup_lr`` (default ``min_lr``), then a half-cycle cosine
+    down to ``min_lr`` (timm's scheduler; call ``step_update(step)`` before each step). With
+    ``warmup_prefix`` the cosine runs over the steps after warmup (MAE's ``lr_sched.py``);
+    without, it spans all steps and warmup overrides its start (ROPIM's and SimMIM's
+    ``lr_scheduler.py:22-31``: timm's scheduler with ``t_initial`` = all steps)."""
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    start = min_lr if warmup_lr is None else warmup_lr
     return CosineLRScheduler(
         optimizer,
-        t_initial=max(total_steps - warmup_steps, 1),
+        t_initial=max(total_steps - warmup_steps, 1) if warmup_prefix else max(total_steps, 1),
         lr_min=min_lr,
         warmup_t=warmup_steps,
-        warmup_lr_init=min_lr if warmup_steps else 0.0,
-        warmup_prefix=True,
+        warmup_lr_init=start if warmup_steps else 0.0,
+        warmup_prefix=warmup_prefix,
         t_in_epochs=False,
     )
 
