@@ -103,14 +103,30 @@ class MAE(MaskingMethod):
                 "batch_size": 16384,
                 "augment": True,
                 "crop_scale": [0.08, 1.0],
+                "momentum": 0.9,
+                "trust_coeff": 0.001,
+                "bn_batch": 512,
             },
             source="facebookresearch/mae main_linprobe.py:44-66,218,222, util/lars.py:18-47",
             sources={
+                "momentum": "mae util/lars.py:18",
+                "trust_coeff": "mae util/lars.py:18 (trust_coefficient)",
+                "bn_batch": "mae FINETUNE.md:142,150 (512 per GPU, 32 GPUs), main_linprobe.py:222 "
+                "(BatchNorm, no SyncBN)",
                 "batch_size": "mae main_linprobe.py:44-66 (16384 in total)",
                 "augment": "mae main_linprobe.py:132-141 (RandomResizedCrop + flip per epoch)",
                 "crop_scale": "mae main_linprobe.py:132 (RandomResizedCrop's default scale)",
             },
         ),
+    }
+
+    fixed_choices = {
+        "decoder_init": (
+            "xavier-uniform on every Linear, zero biases, LayerNorm eps 1e-6, mask token "
+            "normal(0.02)",
+            "mae models_mae.py:57,83-90,227",
+        ),
+        "loss": ("MSE on the masked patches", "mae models_mae.py (forward_loss)"),
     }
 
     def __init__(

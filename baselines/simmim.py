@@ -101,6 +101,17 @@ class SimMIM(MaskingMethod):
             },
         )
     }
+    fixed_choices = {
+        "mask_token_init": (
+            "trunc-normal std 0.02 cut at ±1σ (decayed)",
+            "SimMIM models/simmim.py:53-67, optimizer.py:21-32",
+        ),
+        "decoder": ("1×1 conv + PixelShuffle (a linear map per token)", "SimMIM models/simmim.py"),
+        "loss": (
+            "L1 on masked pixels ÷ masked pixels ÷ channels",
+            "SimMIM models/simmim.py:118-121",
+        ),
+    }
 
     def __init__(
         self, backbone: ViTBackbone, mask_ratio: float = 0.6, mask_patch_size: int = 32

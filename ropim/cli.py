@@ -117,9 +117,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     recipes.add_argument("--method", action="append", help="one method (repeat for several)")
     recipes.add_argument(
-        "--protocol", action="append", help="pretrain, finetune, linear or knn (repeatable)"
+        "--protocol",
+        action="append",
+        help="pretrain, knn, linear, finetune, segmentation or detection (repeatable)",
     )
     recipes.add_argument("--config", "-c", help="resolve against a preset (its values win)")
+    recipes.add_argument(
+        "--devices", type=int, default=1, help="devices the lr and batch totals assume"
+    )
+    recipes.add_argument("overrides", nargs="*", help="key=value over the preset")
     recipes.add_argument("--format", choices=("table", "csv"), default="table")
     methods = sub.add_parser("methods", help="list the masking methods that can be selected")
     methods.add_argument("--method-dir", action="append", default=[])
@@ -165,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "recipes":
             from ropim.suite.recipes import format_card, recipe_card
 
-            card = recipe_card(args.method, args.protocol, args.config)
+            card = recipe_card(
+                args.method, args.protocol, args.config, args.devices, args.overrides
+            )
             print(format_card(card, args.format), end="" if args.format == "csv" else "\n")
             return 0
         if args.command == "compare":
@@ -317,6 +325,13 @@ def _bench_data(args: argparse.Namespace) -> int:
             f"{row['decode_per_core']:.0f} img/s/core, ratio {row['ratio']:.2f}; "
             f"{row['workers']} workers {row['loader_total']:.0f} img/s"
         )
+    for row in rows:
+        if "dct_mean_abs" in row:
+            print(
+                f"scaled decode vs. full-scale decode of the same box, {row['view']}: mean "
+                f"|Δ| {row['dct_mean_abs']:.2f} of 255, PSNR {row['dct_psnr_db']:.1f} dB, "
+                f"{row['dct_differs']:.0%} of views differ (at {row['img_size']} px)"
+            )
     if args.config:
         from ropim.harness.config import load_config
         from ropim.suite.bench import bench_step

@@ -116,6 +116,11 @@ def test_bench_data_measures_both_paths(jpegs):
     assert all(
         r["ratio"] == pytest.approx(r["loader_per_core"] / r["decode_per_core"]) for r in rows
     )
+    # 32-px views of 500x375 JPEGs are decoded at 1/8 or 1/4 scale: the views differ from a
+    # full-scale decode of the same box, but little.
+    scaled = [r for r in rows if r["path"] == "scaled"]
+    assert all(r["dct_differs"] > 0.5 and 0 < r["dct_mean_abs"] < 8 for r in scaled)
+    assert all(r["dct_psnr_db"] > 25 for r in scaled)
 
 
 def test_harness_and_plain_loop_are_timed_on_the_same_work(tmp_path):

@@ -108,6 +108,9 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
     # A second run trains and evaluates nothing again: the rows stay as they are.
     reproduce(TINY, [f"run.output_dir={tmp_path}/runs"], results, reports)
     assert len(read_results(results)) == len(rows)
+    _records_equal_the_recipe_card(
+        tmp_path / "runs" / "table2_tiny", [f"run.output_dir={tmp_path}/runs"]
+    )
 
     # Drop one method entirely and one seed of another: the report shows them as missing.
     partial = rows[
@@ -118,6 +121,61 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
     table = pd.read_csv(reports / "table2_tiny.csv", index_col="method")
     assert table.loc["simmim", "knn top-1 (%)"] == "missing"
     assert table.loc["mae", "seeds"] == "1/2" and "(n=1)" in table.loc["mae", "knn top-1 (%)"]
+
+
+def _flat(mapping: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and key != "kwargs":
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _records_equal_the_recipe_card(runs, overrides):
+    """Every value each run recorded (run.json, config.yaml and each task's json) equals what
+    ``ropim recipes`` resolves for the same preset."""
+    from ropim.suite.recipes import card_text, recipe_card
+
+    card = recipe_card(config=TINY, overrides=overrides)
+    checked = 0
+    for method in ("ropim", "mae", "simmim"):
+        run = runs / f"{method}_seed0"
+        record = json.loads((run / "run.json").read_text())
+        mine = card[card["method"] == method].set_index(["protocol", "key"])["value"]
+        recorded = {("pretrain", k): v["value"] for k, v in record["resolved"].items()}
+        # The same values from the records that do not go through the card's resolver.
+        recorded |= {("pretrain", f"optim.{k}"): v for k, v in record["optim"].items()}
+        recorded |= {("pretrain", f"method.{k}"): v for k, v in record["method"].items()}
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        for section in ("model", "data", "train"):
+            recorded |= {
+                ("pretrain", f"{section}.{k}"): v
+                for k, v in saved[section].items()
+                if ("pretrain", f"{section}.{k}") in mine.index
+            }
+        recorded[("pretrain", "train.precision")] = record["precision"]  # auto, resolved
+        recorded[("pretrain", "train.devices")] = record["world_size"]
+        classification = json.loads((run / "classification.json").read_text())["settings"]
+        for protocol in ("knn", "linear", "finetune"):
+            recorded |= {(protocol, k): v for k, v in classification[protocol].items()}
+            if protocol != "finetune":
+                recorded[(protocol, "feature")] = classification["feature"]
+        for task in ("segmentation", "detection"):
+            settings = json.loads((run / f"{task}.json").read_text())["settings"]
+            recorded |= {(task, k): v for k, v in _flat(settings).items()}
+        settings_rows = mine[~mine.index.get_level_values("key").str.startswith("reference.")]
+        missing = sorted(set(settings_rows.index) - set(recorded))
+        assert not missing, f"{method}: the card lists values no record holds: {missing}"
+        wrong = {
+            key: (value, card_text(recorded[key]))
+            for key, value in settings_rows.items()
+            if card_text(recorded[key]) != value
+        }
+        assert not wrong, f"{method}: card vs. record: {wrong}"
+        checked += len(settings_rows)
+    assert checked > 300
 
 
 def test_report_from_no_results_at_all_does_not_crash():

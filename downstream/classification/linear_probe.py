@@ -21,7 +21,13 @@ from ropim.harness.data import SeededViews, epoch_batches, steps_per_epoch
 from ropim.harness.optim import build_scheduler
 
 
-def mae_lars(model: nn.Module, lr: float, weight_decay: float = 0.0) -> Lars:
+def mae_lars(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    trust_coeff: float = 0.001,
+) -> Lars:
     """MAE's LARS (facebookresearch/mae ``util/lars.py:18-47``) from timm's ``Lars``: momentum
     0.9, trust ratio ``0.001·‖w‖/‖g‖`` on every parameter with two or more dimensions, plain
     momentum SGD for biases and norms. timm's defaults (no momentum; the trust ratio only when
@@ -39,9 +45,9 @@ def mae_lars(model: nn.Module, lr: float, weight_decay: float = 0.0) -> Lars:
     return Lars(
         [g for g in groups if g["params"]],
         lr=lr,
-        momentum=0.9,
+        momentum=momentum,
         weight_decay=weight_decay,
-        trust_coeff=0.001,
+        trust_coeff=trust_coeff,
     )
 
 
@@ -94,10 +100,12 @@ def train_linear_head(
     head.to(device)
     lr = recipe.base_lr * recipe.batch_size / recipe.lr_batch_divisor
     if recipe.optimizer == "lars":
-        opt: torch.optim.Optimizer = mae_lars(head, lr, recipe.weight_decay)
+        opt: torch.optim.Optimizer = mae_lars(
+            head, lr, recipe.weight_decay, recipe.momentum, recipe.trust_coeff
+        )
     elif recipe.optimizer == "sgd":
         opt = torch.optim.SGD(
-            head.parameters(), lr=lr, momentum=0.9, weight_decay=recipe.weight_decay
+            head.parameters(), lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
         )
     else:
         raise ValueError(

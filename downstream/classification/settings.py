@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from ropim.harness.errors import ConfigError
-from ropim.harness.tasks import TaskSettings, TrainingSettings
+from ropim.harness.resolution import Resolution, fill_section
+from ropim.harness.tasks import OPERATIONAL, TaskSettings, TrainingSettings
 
 PROTOCOLS = ("knn", "linear", "finetune")
 
@@ -27,6 +28,9 @@ class LinearSettings:
     lr_batch_divisor: int = 256
     warmup_epochs: int = 10
     optimizer: str = "lars"  # or "sgd"
+    momentum: float = 0.9  # MAE's LARS and the SGD option alike (util/lars.py:18)
+    # LARS: lr × trust_coeff·‖w‖/‖g‖ on every parameter of two or more dimensions
+    trust_coeff: float = 0.001
     weight_decay: float = 0.0
     # MAE trains on a new RandomResizedCrop (bicubic, scale crop_scale) + flip view per epoch
     # through the frozen encoder; false: features of the evaluation view, extracted once.
@@ -77,12 +81,28 @@ class ClassificationSettings(TaskSettings):
     explicit: ClassVar[dict[str, set[str]]] = {}
 
     @classmethod
-    def parse(cls, raw: dict[str, Any] | None, section: str) -> ClassificationSettings:
-        settings = super().parse(raw, section)
+    def read(cls, raw: dict[str, Any] | None, section: str) -> ClassificationSettings:
+        settings = super().read(raw, section)
         settings.explicit = {  # type: ignore[misc]  # per instance, not a config key
             protocol: set((raw or {}).get(protocol) or {}) for protocol in RECIPE_PROTOCOLS
         }
         return settings
+
+    def card(self, section: str, recipes: Mapping[str, Any]) -> dict[str, Resolution]:
+        """Each protocol's settings for a method (its published recipe filling what the config
+        leaves unset), plus the frozen feature the k-NN and the probe read."""
+        resolved, sources = settings_for_method(self, recipes)
+        given = getattr(self, "given", set())
+        found: dict[str, Resolution] = {}
+        for protocol in RECIPE_PROTOCOLS:
+            resolution = Resolution()
+            if protocol in ("knn", "linear"):
+                feature_source = "config" if "feature" in given else "suite default: MAE's probe"
+                resolution.set("feature", resolved.feature, feature_source)
+            for key, value in asdict(getattr(resolved, protocol)).items():
+                resolution.set(key, value, sources[protocol][key])
+            found[protocol] = resolution
+        return found
 
     def check(self, section: str) -> None:
         unknown = sorted(set(self.protocols) - set(PROTOCOLS))
@@ -117,7 +137,6 @@ DEFAULT_SOURCES = {
     "knn": "suite default: DINO's weighted k-NN (Caron et al., ICCV 2021)",
 }
 RECIPE_PROTOCOLS = ("finetune", "linear", "knn")
-OPERATIONAL = {"log_every", "checkpoint_every", "num_workers"}  # how a run goes, not what it is
 
 
 def classification_settings(raw: dict[str, Any] | None) -> ClassificationSettings:
@@ -128,23 +147,24 @@ def settings_for_method(
     settings: ClassificationSettings, recipes: Mapping[str, Any]
 ) -> tuple[ClassificationSettings, dict[str, dict[str, str]]]:
     """``settings`` with the method's published protocol recipes filling every key the config
-    did not set; and the source of each resolved value, per protocol (the recipe card)."""
+    did not set (the harness's one rule, :func:`fill_section`); and the source of each
+    resolved value, per protocol (the recipe card)."""
     resolved = copy.deepcopy(settings)
     sources: dict[str, dict[str, str]] = {}
     for protocol in RECIPE_PROTOCOLS:
-        section = getattr(resolved, protocol)
         recipe = recipes.get(protocol)
-        explicit = settings.explicit.get(protocol, set())
-        sources[protocol] = {}
-        for item in fields(section):
-            key = item.name
-            if key in explicit:
-                sources[protocol][key] = "config"
-            elif recipe is not None and key in recipe.values:
-                setattr(section, key, recipe.values[key])
-                sources[protocol][key] = recipe.source_of(key)
-            elif key in OPERATIONAL:
-                sources[protocol][key] = "suite setting (no effect on the result)"
-            else:
-                sources[protocol][key] = DEFAULT_SOURCES[protocol]
+
+        def default_source(key: str, protocol: str = protocol) -> str:
+            if key in OPERATIONAL:
+                return "suite setting (no effect on the result)"
+            return DEFAULT_SOURCES[protocol]
+
+        found = fill_section(
+            getattr(resolved, protocol),
+            settings.explicit.get(protocol, set()),
+            recipe.values if recipe is not None else None,
+            recipe.source_of if recipe is not None else default_source,
+            default_source,
+        )
+        sources[protocol] = found.sources
     return resolved, sources

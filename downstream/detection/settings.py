@@ -6,15 +6,40 @@ weight decay 0.1, layer decay 0.7, 250-iteration warmup, x0.1 steps at 88.9% and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from downstream.scenes import SceneSettings
 from ropim.harness.errors import ConfigError
 from ropim.harness.tasks import TrainingSettings
 
+D2 = "detectron2 projects/ViTDet/configs"
+VITDET = f"{D2}/COCO/mask_rcnn_vitdet_b_100ep.py"
+
 
 @dataclass
 class DetectionSettings(TrainingSettings):
+    DEFAULT_SOURCE: ClassVar[str] = f"suite default: {VITDET}"
+    SOURCES: ClassVar[dict[str, str]] = {
+        "lr": f"{D2}/common/optim.py:18-28",
+        "betas": f"{D2}/common/optim.py:18-28",
+        "weight_decay": f"{D2}/common/optim.py:18-28",
+        "layer_decay": f"{VITDET} (lr_factor_func, 0.7), modeling/backbone/vit.py:506-524",
+        "decay_biases": "detectron2 solver/build.py:148 (bias decay = weight decay)",
+        "epochs": f"{VITDET}:25-35 (184,375 iterations at batch 64)",
+        "batch_size": f"{VITDET}:25-35 (64 in total)",
+        "warmup_iters": f"{VITDET}:25-35",
+        "decay_at": f"{VITDET}:25-35 (163,889 and 177,546 of 184,375)",
+        "image_size": f"{D2}/common/coco_loader_lsj.py:6-22",
+        "scale_range": f"{D2}/common/coco_loader_lsj.py:6-22",
+        "hflip": f"{D2}/common/coco_loader_lsj.py:6-22",
+        "filter_empty": "detectron2 data/build.py:219",
+        "drop_path": f"{D2}/common/models/mask_rcnn_vitdet.py:15",
+        "window_size": f"{D2}/common/models/mask_rcnn_vitdet.py:25",
+        "global_blocks": f"{D2}/common/models/mask_rcnn_vitdet.py:29-39",
+        "box_loss": "detectron2 modeling/proposal_generator/rpn.py:204, "
+        "modeling/roi_heads/fast_rcnn.py:193 (smooth_l1_beta=0)",
+    }
+
     dataset: str = "coco"  # or "digit_scenes" (generated from the bundled digits)
     root: str | None = None  # coco: folder with annotations/instances_{train,val}*.json + images
     image_size: int = 1024  # LSJ canvas; evaluation resizes the long side to it

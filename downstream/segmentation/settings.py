@@ -5,15 +5,40 @@ docs/recipes.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from downstream.scenes import SceneSettings
 from ropim.harness.errors import ConfigError
 from ropim.harness.tasks import TrainingSettings
 
+MMSEG = "mmsegmentation 0.x configs/mae/upernet_mae-base_fp16_8x2_512x512_160k_ade20k.py"
+
 
 @dataclass
 class SegmentationSettings(TrainingSettings):
+    DEFAULT_SOURCE: ClassVar[str] = f"suite default: {MMSEG}"
+    SOURCES: ClassVar[dict[str, str]] = {
+        "lr": f"{MMSEG}:29-33",
+        "betas": f"{MMSEG}:29-33",
+        "weight_decay": f"{MMSEG}:29-33",
+        "layer_decay": f"{MMSEG}:29-33",
+        "iterations": f"{MMSEG}:3 (160k)",
+        "batch_size": f"{MMSEG}:18 (8 GPUs x 2)",
+        "warmup_iters": f"{MMSEG}:35-43",
+        "poly_power": f"{MMSEG}:35-43",
+        "min_lr": f"{MMSEG}:35-43",
+        "drop_path": f"{MMSEG}:17-20",
+        "relative_position": f"{MMSEG}:17-20, mmseg/models/backbones/mae.py (MAEAttention)",
+        "layer_scale": f"{MMSEG}:48-49 (init_values=1.0)",
+        "out_indices": f"{MMSEG}:17-20 ([3, 5, 7, 11])",
+        "channels": f"{MMSEG}:19-23",
+        "aux_channels": f"{MMSEG}:19-23",
+        "aux_weight": f"{MMSEG}:19-23",
+        "inference": f"{MMSEG}:24 (slide)",
+        "slide_stride": f"{MMSEG}:24 (stride 341)",
+        "crop_size": f"{MMSEG} (ade20k_512x512 pipeline)",
+    }
+
     dataset: str = "ade20k"  # or "digit_scenes" (generated from the bundled digits)
     root: str | None = None  # ade20k: the folder holding ADEChallengeData2016/
     num_classes: int | None = None  # None: 150 for ADE20K, 11 for digit scenes

@@ -30,6 +30,16 @@ def _check_model_name(name: str) -> None:
 
 POSITIONS = ("learned", "sincos")
 INITS = ("timm", "mae", "simmim")
+# What each model.init does, for the recipe card.
+INIT_RULES = {
+    "timm": "timm's own: trunc-normal std 0.02 cut at ±2 (absolute, so uncut); Beit also "
+    "divides block outputs by √(2·layer); patch projection PyTorch's default",
+    "mae": "xavier-uniform on every Linear and the patch projection, zero biases, cls token "
+    "normal(0.02) (facebookresearch/mae models_mae.py:75-90)",
+    "simmim": "trunc-normal std 0.02 cut at ±1σ on every Linear/Conv2d weight and the cls "
+    "token, zero biases, then ÷√(2·layer) on block outputs (ROPIM models/ropim.py:19-20, "
+    "models/vision_transformer.py:257-289; SimMIM models/simmim.py:66-67)",
+}
 
 
 def sincos_2d(rows: int, cols: int, dim: int) -> Tensor:
@@ -141,6 +151,7 @@ class ViTBackbone(nn.Module):
                 f"(e.g. {max(patch_size, img_size // patch_size * patch_size)})"
             )
         self.name = name
+        self.init = init
         if name.startswith("beit"):
             # Keep the final norm on the tokens (BEiT/SimMIM pre-training); timm's default for
             # Beit moves it after average pooling, which the probes and methods do not use.
@@ -220,6 +231,24 @@ class ViTBackbone(nn.Module):
             return "shared"
         has_table = hasattr(self.vit.blocks[0].attn, "relative_position_bias_table")
         return "per_layer" if has_table else None
+
+    def facts(self) -> dict[str, Any]:
+        """What the built encoder is, for the recipe card: widths, position information and
+        layer scale (its initial value; read before training)."""
+        block = self.vit.blocks[0]
+        gamma = getattr(block, "gamma_1", None)  # timm Beit
+        if gamma is None and hasattr(block, "ls1"):
+            gamma = getattr(block.ls1, "gamma", None)  # timm VisionTransformer
+        return {
+            "type": type(self.vit).__name__,
+            "depth": len(self.vit.blocks),
+            "embed_dim": self.embed_dim,
+            "num_heads": block.attn.num_heads,
+            "absolute_position": self.vit.pos_embed is not None,
+            "relative_position": self.relative_position or "none",
+            "layer_scale": None if gamma is None else round(float(gamma.detach().flatten()[0]), 6),
+            "init_rule": INIT_RULES[self.init],
+        }
 
     def add_position(self, tokens: Tensor) -> Tensor:
         """Prepend cls/register tokens and add position information to all N tokens."""

@@ -67,10 +67,11 @@ def crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def _power_of_two_reduction(w: int, h: int, size: int) -> int:
-    """The largest 1, 2, 4 or 8 that still leaves ``size`` pixels across a w×h box."""
+def _power_of_two_reduction(w: int, h: int, size: int, limit: int = 8) -> int:
+    """The largest 1, 2, 4 or 8 (at most ``limit``) that still leaves ``size`` pixels across a
+    w×h box."""
     reduce = 1
-    while reduce < 8 and min(w, h) >= 2 * reduce * size:
+    while reduce < limit and min(w, h) >= 2 * reduce * size:
         reduce *= 2
     return reduce
 
@@ -97,8 +98,10 @@ def decode_crop(
     hflip: float,
     generator: torch.Generator,
     interpolation: str = "bicubic",
+    max_reduction: int = 8,
 ) -> Tensor:
-    """One ``size``×``size`` RGB uint8 view (CHW) of the JPEG at ``path``."""
+    """One ``size``×``size`` RGB uint8 view (CHW) of the JPEG at ``path``; ``max_reduction``
+    1 decodes at full scale (what ``bench-data`` compares the scaled decode against)."""
     try:
         data = Path(path).read_bytes()
         header = _turbo_header(data)
@@ -109,7 +112,7 @@ def decode_crop(
         else:
             width, height = header
             left, top, w, h = crop_box(width, height, scale, ratio, generator)
-            reduce = _power_of_two_reduction(w, h, size)
+            reduce = _power_of_two_reduction(w, h, size, max_reduction)
             pixels = simplejpeg.decode_jpeg(
                 data,
                 colorspace="RGB",

@@ -88,6 +88,9 @@ class MaskingMethod(nn.Module, ABC):
     # The method's published evaluation recipes by protocol ("finetune", "linear", ...):
     # a task reads them to fill the settings its config leaves unset.
     protocol_recipes: ClassVar[Mapping[str, ProtocolRecipe]] = {}
+    # Choices the method's code makes that no setting changes, for the recipe card:
+    # name -> (what it does, where the official code does it).
+    fixed_choices: ClassVar[Mapping[str, tuple[str, str]]] = {}
 
     def __init__(self, backbone: ViTBackbone) -> None:
         super().__init__()

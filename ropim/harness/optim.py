@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 
 from ropim.harness.config import TrainSection
 from ropim.harness.methods import MaskingMethod, Recipe
+from ropim.harness.resolution import choose
 
 
 @dataclass(frozen=True)
@@ -35,36 +36,55 @@ class OptimSettings:
     decay_at: tuple[float, ...] = ()  # multistep: fractions of training
     decay_rate: float = 0.1
     warmup_prefix: bool = True  # False: the cosine spans all steps, warmup included
+    # where each value came from (config, or the recipe's file:line); not a setting
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        values.pop("sources")
+        return values
 
 
 def resolve(train: TrainSection, recipe: Recipe, world_size: int) -> OptimSettings:
-    """Config values win; anything left unset comes from the method's published recipe."""
-
-    def pick(value: Any, default: Any) -> Any:
-        return default if value is None else value
-
-    base_lr = pick(train.base_lr, recipe.base_lr)
-    divisor = pick(train.lr_batch_divisor, recipe.lr_batch_divisor)
+    """Config values win; anything left unset comes from the method's published recipe
+    (:func:`ropim.harness.resolution.choose`); each value's source is kept."""
+    sources: dict[str, str] = {}
     total_batch = train.batch_size * world_size
-    return OptimSettings(
+
+    def pick(
+        key: str, value: Any, recipe_key: str | None = None, scale: float | None = None
+    ) -> Any:
+        recipe_key = recipe_key or key
+        published = getattr(recipe, recipe_key)
+        if scale is not None:  # a per-image rate: × total batch / divisor
+            published = published * scale
+        chosen, source = choose(value, published, recipe.source_of(recipe_key))
+        sources[key] = source
+        return chosen
+
+    base_lr = pick("base_lr", train.base_lr)
+    divisor = pick("lr_batch_divisor", train.lr_batch_divisor)
+    per_image = total_batch / divisor
+    settings = OptimSettings(
         base_lr=base_lr,
         lr_batch_divisor=divisor,
         total_batch=total_batch,
-        lr=base_lr * total_batch / divisor,
-        min_lr=pick(train.min_lr, recipe.base_min_lr * total_batch / divisor),
-        warmup_lr=pick(train.warmup_lr, recipe.base_warmup_lr * total_batch / divisor),
-        warmup_epochs=pick(train.warmup_epochs, recipe.warmup_epochs),
-        weight_decay=pick(train.weight_decay, recipe.weight_decay),
-        betas=tuple(pick(train.betas, recipe.betas)),  # type: ignore[arg-type]
-        clip_grad=pick(train.clip_grad, recipe.clip_grad),
-        schedule=pick(train.schedule, recipe.schedule),
-        decay_at=tuple(pick(train.decay_at, recipe.decay_at)),
-        decay_rate=recipe.decay_rate,
-        warmup_prefix=recipe.warmup_prefix,
+        lr=base_lr * per_image,
+        min_lr=pick("min_lr", train.min_lr, "base_min_lr", per_image),
+        warmup_lr=pick("warmup_lr", train.warmup_lr, "base_warmup_lr", per_image),
+        warmup_epochs=pick("warmup_epochs", train.warmup_epochs),
+        weight_decay=pick("weight_decay", train.weight_decay),
+        betas=tuple(pick("betas", train.betas)),  # type: ignore[arg-type]
+        clip_grad=pick("clip_grad", train.clip_grad),
+        schedule=pick("schedule", train.schedule),
+        decay_at=tuple(pick("decay_at", train.decay_at)),
+        decay_rate=pick("decay_rate", None),
+        warmup_prefix=pick("warmup_prefix", None),
+        sources=sources,
     )
+    sources["total_batch"] = "train.batch_size × devices"
+    sources["lr"] = "base_lr × total_batch / lr_batch_divisor"
+    return settings
 
 
 def pretrain_scheduler(

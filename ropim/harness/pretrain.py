@@ -38,6 +38,7 @@ from ropim.harness.optim import OptimSettings, build_optimizer, pretrain_schedul
 from ropim.harness.probe import extract_features, probe_accuracy
 from ropim.harness.records import code_version, hardware, library_versions, write_json
 from ropim.harness.registry import build_method, method_class
+from ropim.harness.resolution import CONFIG, Resolution, choose
 from ropim.harness.runtime import (
     build_encoder,
     gather,
@@ -58,6 +59,7 @@ class Pretraining:
     settings: OptimSettings
     optimizer: torch.optim.Optimizer
     normalize: BatchNormalizer  # uint8 batches (decoder-space crops) -> normalised floats
+    card: Resolution  # every resolved value with its source
 
     def step_loss(self, seed: int) -> StepLoss:
         """The method's loss on a batch of views; its own randomness (sketches, masks) comes
@@ -71,24 +73,95 @@ class Pretraining:
         return loss
 
 
-def fill_from_recipe(cfg: Config, recipe: Recipe) -> None:
+def fill_from_recipe(cfg: Config, recipe: Recipe) -> Resolution:
     """The pre-training view and drop path the config leaves unset come from the method's
-    recipe (MAE: bicubic crops 0.2–1 and no drop path; ROPIM/SimMIM: bilinear 0.67–1 and 0.1)."""
-    if cfg.data.crop_scale is None:
-        cfg.data.crop_scale = list(recipe.crop_scale)
-    if cfg.data.interpolation is None:
-        cfg.data.interpolation = recipe.interpolation
-    if cfg.model.drop_path is None:
-        cfg.model.drop_path = recipe.drop_path
+    recipe (MAE: bicubic crops 0.2–1 and no drop path; ROPIM/SimMIM: bilinear 0.67–1 and 0.1);
+    filled into ``cfg``, each with its source."""
+    found = Resolution()
+    for section, key, recipe_value in (
+        (cfg.data, "crop_scale", list(recipe.crop_scale)),
+        (cfg.data, "interpolation", recipe.interpolation),
+        (cfg.model, "drop_path", recipe.drop_path),
+    ):
+        value, source = choose(getattr(section, key), recipe_value, recipe.source_of(key))
+        setattr(section, key, value)
+        found.set(f"{'model' if section is cfg.model else 'data'}.{key}", value, source)
+    return found
+
+
+@dataclass
+class ResolvedPretraining:
+    """A method built on its encoder with every pre-training value resolved, and the recipe
+    card of all of them (``run.json``'s ``resolved``; ``ropim recipes`` prints the same)."""
+
+    method: MaskingMethod
+    settings: OptimSettings
+    card: Resolution
+
+
+SUITE_DEFAULT = "suite default"
+CARD_MODEL = ("name", "img_size", "patch_size", "in_chans", "kwargs", "position", "init")
+CARD_DATA = ("dataset", "crop_ratio", "hflip")
+CARD_TRAIN = ("epochs", "batch_size")
+
+
+def resolve_pretraining(
+    cfg: Config,
+    world_size: int,
+    method_dirs: tuple[str | Path, ...] = (),
+    given: set[str] | None = None,
+) -> ResolvedPretraining:
+    """Fill ``cfg`` from the method's recipe, build the method and resolve its optimiser.
+    ``given``: the dotted keys the preset set (the card says "config" for those and "suite
+    default" for the rest); None: every non-recipe value counts as the config's."""
+    recipe = method_class(cfg.method.get("name", ""), method_dirs).recipe
+    owned = fill_from_recipe(cfg, recipe)
+    method = build_method(cfg.method, build_encoder(cfg), method_dirs)
+    settings = resolve(cfg.train, recipe, world_size)
+
+    def source(key: str) -> str:
+        return CONFIG if given is None or key in given else SUITE_DEFAULT
+
+    card = Resolution()
+    for section, keys in (("model", CARD_MODEL), ("data", CARD_DATA), ("train", CARD_TRAIN)):
+        for key in keys:
+            card.set(
+                f"{section}.{key}", getattr(getattr(cfg, section), key), source(f"{section}.{key}")
+            )
+    card.merge(owned)
+    built = f"built from model.name {cfg.model.name!r} and model.kwargs"
+    for key, value in method.backbone.facts().items():
+        card.set(f"encoder.{key}", value, built)
+    card.set(
+        "train.precision",
+        resolve_device(cfg.train.accelerator, cfg.train.precision)[1],
+        source("train.precision"),
+    )
+    card.set("train.devices", world_size, "the launcher (torchrun/srun world size)")
+    for key, value in method.settings.items():
+        given_here = given is None or f"method.{key}" in given
+        card.set(f"method.{key}", value, CONFIG if given_here else recipe.source_of(key))
+    for key, (what, where) in method.fixed_choices.items():
+        card.set(f"method.{key}", what, where)
+    card.set("optim.optimizer", "adamw", recipe.source)
+    for key, value in settings.as_dict().items():
+        card.set(f"optim.{key}", value, settings.sources[key])
+    card.set(
+        "optim.no_weight_decay",
+        sorted(method.no_weight_decay()),
+        "the method's no_weight_decay(), besides 1-D parameters and biases",
+    )
+    return ResolvedPretraining(method, settings, card)
 
 
 def set_up_pretraining(cfg: Config, method_dirs: tuple[str | Path, ...] = ()) -> Pretraining:
     fabric = make_fabric(cfg.train.accelerator, cfg.train.precision)
-    fill_from_recipe(cfg, method_class(cfg.method.get("name", ""), method_dirs).recipe)
-    method = build_method(cfg.method, build_encoder(cfg), method_dirs)
-    settings = resolve(cfg.train, method.recipe, fabric.world_size)
+    resolved = resolve_pretraining(cfg, fabric.world_size, method_dirs)
+    method, settings = resolved.method, resolved.settings
     normalize = BatchNormalizer(*dataset_stats(cfg.data))
-    return Pretraining(fabric, method, settings, build_optimizer(method, settings), normalize)
+    return Pretraining(
+        fabric, method, settings, build_optimizer(method, settings), normalize, resolved.card
+    )
 
 
 def pretrain(
@@ -144,6 +217,7 @@ def pretrain(
         "method": method.settings,
         "recipe": method.recipe.as_dict(),
         "optim": settings.as_dict(),
+        "resolved": setup.card.as_dict(),
         "architecture": signature,
         "dataset": {
             "name": cfg.data.dataset,

@@ -9,27 +9,56 @@ only when used (segmentation pulls in ``transformers``, which takes seconds to l
 
 from __future__ import annotations
 
+import copy
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from ropim.harness.config import build_section
 from ropim.harness.errors import ConfigError
+from ropim.harness.resolution import Resolution, fill_section, given_keys
 
 SettingsT = TypeVar("SettingsT", bound="TaskSettings")
+OPERATIONAL = {"log_every", "checkpoint_every", "num_workers"}  # how a run goes, not what it is
 
 
 @dataclass
 class TaskSettings:
-    """Base of every task's settings section: parsed with unknown keys refused, then checked."""
+    """Base of every task's settings section: parsed with unknown keys refused, then checked.
+
+    ``SOURCES`` names where each default comes from (repository file:line), ``DEFAULT_SOURCE``
+    the rest; the recipe card reads them."""
+
+    DEFAULT_SOURCE: ClassVar[str] = "suite default"
+    SOURCES: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def read(cls: type[SettingsT], raw: dict[str, Any] | None, section: str) -> SettingsT:
+        """The section with unknown keys refused but not checked (the recipe card lists a
+        preset's values even where a data folder is left for the user to set)."""
+        settings = build_section(cls, raw or {}, f"{section}.")
+        settings.given = given_keys(raw)  # type: ignore[attr-defined]  # not a config key
+        return settings
 
     @classmethod
     def parse(cls: type[SettingsT], raw: dict[str, Any] | None, section: str) -> SettingsT:
-        settings = build_section(cls, raw or {}, f"{section}.")
+        settings = cls.read(raw, section)
         settings.check(section)
         return settings
+
+    def default_source(self, key: str) -> str:
+        if key in OPERATIONAL:
+            return "suite setting (no effect on the result)"
+        return self.SOURCES.get(key, self.DEFAULT_SOURCE)
+
+    def card(self, section: str, recipes: Mapping[str, Any]) -> dict[str, Resolution]:
+        """What a run of this task uses for a method with these published protocol recipes,
+        by card protocol, each value with its source. Tasks without per-method recipes list
+        their settings under their own name."""
+        given = getattr(self, "given", set())
+        return {section: fill_section(copy.deepcopy(self), given, None, str, self.default_source)}
 
     def check(self, section: str) -> None:
         """Raise :class:`ConfigError` naming ``section.key`` for a value that cannot work."""
@@ -100,6 +129,10 @@ class TaskSpec:
     def parse_settings(self, raw: dict[str, Any] | None) -> TaskSettings:
         """This task's section of a config mapping (``raw[self.name]``), parsed and checked."""
         return _resolve(self.settings).parse((raw or {}).get(self.name), self.name)
+
+    def read_settings(self, raw: dict[str, Any] | None) -> TaskSettings:
+        """The same section, unchecked (for the recipe card)."""
+        return _resolve(self.settings).read((raw or {}).get(self.name), self.name)
 
     def evaluate(
         self,

@@ -94,6 +94,17 @@ class ROPIM(MaskingMethod):
             },
         )
     }
+    fixed_choices = {
+        "decoder": (
+            "1×1 conv + PixelShuffle(16) (a linear map per token)",
+            "ROPIM models/ropim.py:58-63",
+        ),
+        "loss": ("mean |Π⊥(x − x̂)| on the normalised image", "ROPIM models/ropim.py:58-63"),
+        "sketch": (
+            "fresh per image: buckets from concatenated permutations of [K], balanced signs",
+            "ROPIM data/data_ropim.py:30-65",
+        ),
+    }
 
     def __init__(self, backbone: ViTBackbone, ratio: float = 0.14, scaling: Scaling = "exact"):
         super().__init__(backbone)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from ropim.harness.config import Config, apply_overrides, load_config_dict, read
 from ropim.harness.encoder_run import write_encoder_run
 from ropim.harness.errors import ConfigError
 from ropim.harness.pretrain import pretrain
+from ropim.harness.resolution import given_keys
 from ropim.harness.runtime import build_encoder
 
 # What every run of a comparison must share; each method owns everything else.
@@ -137,6 +138,7 @@ class PlannedRun:
     seed: int
     config: Config
     pretrained: bool = True  # False: the random-initialisation floor, evaluated untrained
+    given: set[str] = field(default_factory=set)  # dotted keys the preset set for this run
 
     @property
     def label(self) -> str:
@@ -199,7 +201,7 @@ def plan_comparison(
             output = Path(run_raw["run"].get("output_dir", "runs")) / name
             run_raw["run"]["output_dir"] = str(output)
             config = load_config_dict(run_raw, f"{path} ({method}, seed {seed})")
-            planned.append(PlannedRun(method, seed, config))
+            planned.append(PlannedRun(method, seed, config, given=given_keys(run_raw)))
     if section.get("random_init") and not methods:
         for seed in seeds:  # the same encoder every method starts from, with no pre-training
             run_raw = copy.deepcopy(raw)
