@@ -6,10 +6,10 @@ CONFIG ?= configs/ropim_mnist.yaml
 
 .PHONY: setup pretrain test lint format clean bench compare bench-pretrain bench-data bench-dense reproduce-table2 report gpu-check
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv and install the project with its test tools

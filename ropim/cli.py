@@ -8,13 +8,21 @@ import argparse
 import sys
 
 from ropim.harness.errors import CheckpointError, ConfigError, DataError, TrainingError
+from ropim.harness.preemption import Preempted
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ropim.harness.records import package_version
+
     parser = argparse.ArgumentParser(prog="ropim", description=__doc__)
+    parser.add_argument(
+        "--version", action="version", version=f"ropim-bench {package_version() or 'unknown'}"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("pretrain", help="pre-train one masking method")
-    pre.add_argument("--config", "-c", required=True, help="YAML file under configs/")
+    pre.add_argument(
+        "--config", "-c", required=True, help="a YAML file or a bundled preset name (ropim configs)"
+    )
     pre.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     pre.add_argument(
         "--method-dir", action="append", default=[], help="extra folder holding <method>.py files"
@@ -112,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     cd.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     cd.add_argument("overrides", nargs="*")
     sub.add_parser("tasks", help="list the downstream tasks, their protocols and metrics")
+    sub.add_parser("configs", help="list the bundled presets (--config NAME finds them)")
     recipes = sub.add_parser(
         "recipes", help="every method's settings per protocol, each with its source"
     )
@@ -160,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "check-data":
             return _check_data(args)
+        if args.command == "configs":
+            from ropim.harness.config import bundled_presets
+
+            for name, path in bundled_presets().items():
+                lines = path.read_text().splitlines()
+                about = next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
+                print(f"{name:<28} {about}")
+            return 0
         if args.command == "tasks":
             from downstream.tasks import all_tasks
 
@@ -236,6 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:  # SIGTERM/SIGUSR1: checkpoint written at a step boundary
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except OSError as exc:  # a path that cannot be made or written, a full disk
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"error: {exc.strerror or exc}{where}: check that the folder exists and is "
+            f"writable and that the disk has room; finished work is kept",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         again = "the same command with --resume" if args.command == "pretrain" else "it again"
         print(
@@ -259,7 +287,7 @@ def _check_data(args: argparse.Namespace) -> int:
         return 0
     if not cfg.data.root:
         raise ConfigError("data.root is required for data.dataset=imagefolder")
-    fatal = False
+    fatal = one_class = False
     for split in dict.fromkeys([cfg.data.split, "val"]):
         folder = Path(cfg.data.root).expanduser() / split
         if split == "val" and not folder.is_dir():
@@ -268,6 +296,7 @@ def _check_data(args: argparse.Namespace) -> int:
         report = check_folder(folder, args.workers)
         print("\n".join(describe(report)))
         fatal = fatal or report.fatal
+        one_class = one_class or len(report.per_class) < 2
     if fatal:
         print(
             "error: the folder holds files or classes that would stop training: fix or remove "
@@ -275,6 +304,9 @@ def _check_data(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if one_class:
+        print("ok: every image decodes, but there are fewer than 2 classes (see WARN above)")
+        return 0
     print("ok: every image decodes")
     return 0
 

@@ -73,7 +73,16 @@ def test_encoder_loading_names_what_is_wrong(tmp_path):
 
 
 def _row(value: float) -> dict:
-    return {"run_id": "r", "method": "ropim", "protocol": "knn", "metric": "top1", "value": value}
+    return {
+        "run_id": "c/r",
+        "method": "ropim",
+        "task": "classification",
+        "protocol": "knn",
+        "metric": "top1",
+        "value": value,
+        "seed": 0,
+        "recorded_at": "2026-12-02T00:00:00",
+    }
 
 
 def test_results_append_keeps_old_rows_and_survives_a_crash_mid_write(tmp_path, monkeypatch):

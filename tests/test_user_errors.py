@@ -43,12 +43,21 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("override", "named"),
     [
-        ("train.batch_size=0", "train.batch_size=0 must be positive"),
-        ("train.base_lr=-1", "train.base_lr=-1.0 must be positive"),
-        ("train.epochs=-1", "train.epochs=-1.0 must be positive"),
-        ("train.checkpoint_every=0", "train.checkpoint_every=0 must be positive"),
-        ("train.min_lr=-0.1", "train.min_lr=-0.1 must be zero or more"),
+        ("train.batch_size=0", "train.batch_size=0 must be a positive"),
+        ("train.base_lr=-1", "train.base_lr=-1.0 must be a positive"),
+        ("train.epochs=-1", "train.epochs=-1.0 must be a positive"),
+        ("train.checkpoint_every=0", "train.checkpoint_every=0 must be a positive"),
+        ("train.min_lr=-0.1", "train.min_lr=-0.1 must be a finite number, zero or more"),
         ("data.on_bad_image=ignore", "data.on_bad_image='ignore' must be error or skip"),
+        ("train.epochs=.nan", "train.epochs=nan must be a positive, finite number"),
+        ("train.epochs=.inf", "train.epochs=inf must be a positive, finite number"),
+        ("train.base_lr=.nan", "train.base_lr=nan must be a positive, finite number"),
+        ("train.precision=fp7", "train.precision='fp7' must be one of"),
+        ("train.accelerator=tpu9", "train.accelerator='tpu9' must be one of"),
+        ("train.clip_grad=0", "train.clip_grad=0.0 must be a positive max norm; false turns"),
+        ("train.clip_grad=true", "train.clip_grad=True must be a positive max norm"),
+        ("data.limit=-5", "data.limit=-5 must be a positive, finite number"),
+        ("method={name: ../evil}", "method name '../evil' (method.name) must be a Python"),
     ],
 )
 def test_values_that_cannot_work_are_refused_by_name(tmp_path, capsys, override, named):

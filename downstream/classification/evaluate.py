@@ -21,6 +21,7 @@ from downstream.classification.settings import ClassificationSettings, settings_
 from downstream.encoder import finetune_fingerprint, load_pretrained_encoder
 from ropim.harness.config import Config
 from ropim.harness.data import SeededViews, eval_transform, load_images, pretrain_transform
+from ropim.harness.errors import DataError
 from ropim.harness.knn import knn_accuracy
 from ropim.harness.probe import extract_features
 from ropim.harness.registry import available_methods, method_class
@@ -40,6 +41,12 @@ def run_classification(
     train_images = load_images(cfg.data, "train")
     val_images = load_images(cfg.data, "val")
     num_classes = len(_classes(train_images))
+    if num_classes < 2:
+        raise DataError(
+            f"classification needs at least 2 classes; the train split of data.root="
+            f"{cfg.data.root} holds {num_classes} ({_classes(train_images)}): every protocol "
+            f"would score 100%. Evaluate on a labelled folder with several classes"
+        )
     measurements: list[tuple[str, str, float]] = []
     details: dict[str, Any] = {"settings": asdict(settings), "sources": sources}
 

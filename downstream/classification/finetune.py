@@ -145,7 +145,13 @@ def finetune_accuracy(
     optimizer, min_lr = finetune_optimizer(model, ft, batch * world, backbone.vit_no_weight_decay())
     desc = f"finetune {out_dir.parent.name}"
     plan = LoopPlan.for_task(
-        ft, seed, desc, epochs=ft.epochs, batch_size=batch, clip_grad=ft.clip_grad
+        ft,
+        seed,
+        desc,
+        epochs=ft.epochs,
+        batch_size=batch,
+        clip_grad=ft.clip_grad or None,
+        batch_key="classification.finetune.batch_size",
     )
     per_epoch, total = plan_steps(len(train_set), plan, world)
     scheduler = build_scheduler(

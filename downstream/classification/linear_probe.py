@@ -193,7 +193,8 @@ def augmented_linear_probe_accuracy(
                 labels.append(torch.as_tensor(targets).to(device))
             yield torch.cat(features), torch.cat(labels)
 
-    per_epoch = steps_per_epoch(len(train_views), size)  # MAE drops the last partial batch
+    # MAE drops the last partial batch
+    per_epoch = steps_per_epoch(len(train_views), size, key="classification.linear.batch_size")
     head = train_linear_head(
         batches, val_features.shape[1], num_classes, per_epoch, recipe, seed, device
     )

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from ropim.harness.config import check_clip_grad
 from ropim.harness.errors import ConfigError
 from ropim.harness.resolution import Resolution, fill_section
 from ropim.harness.tasks import OPERATIONAL, TaskSettings, TrainingSettings
@@ -66,7 +67,12 @@ class FinetuneSettings(TrainingSettings):
     random_erasing: float = 0.25
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: float = 0.5
-    clip_grad: float | None = None
+    # max gradient norm; false (or null set in the config): none; unset: the method's recipe
+    clip_grad: float | bool | None = None
+
+    def check(self, section: str) -> None:
+        super().check(section)
+        check_clip_grad(self.clip_grad, f"{section}.clip_grad")
 
 
 @dataclass

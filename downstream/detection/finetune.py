@@ -135,6 +135,7 @@ def finetune_detection(
         steps=total,
         keep_history=True,
         collate=collate_lists,
+        batch_key="detection.batch_size",
     )
 
     def step_loss(net: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor]]:

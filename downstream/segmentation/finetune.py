@@ -173,7 +173,14 @@ def finetune_segmentation(
         warmup_prefix=False,
         t_in_epochs=False,
     )
-    plan = LoopPlan.for_task(settings, seed, f"seg {run_dir.name}", steps=total, keep_history=True)
+    plan = LoopPlan.for_task(
+        settings,
+        seed,
+        f"seg {run_dir.name}",
+        steps=total,
+        keep_history=True,
+        batch_key="segmentation.batch_size",
+    )
 
     def step_loss(net: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         images, labels = batch

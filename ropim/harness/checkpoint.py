@@ -112,6 +112,14 @@ def _complete(path: Path) -> bool:
     return (path / WEIGHTS_FILE).is_file() and (path / STATE_FILE).is_file()
 
 
+def _step_of(path: Path) -> int:
+    """The step a ``step_<n>`` folder holds (-1 for a name that is not one)."""
+    try:
+        return int(path.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
 class CheckpointDir:
     """The checkpoints of one run."""
 
@@ -123,22 +131,29 @@ class CheckpointDir:
         pointer = self.root / "latest"
         return pointer.read_text().strip() if pointer.is_file() else None
 
+    def _complete_steps(self) -> list[Path]:
+        """Complete ``step_*`` folders, oldest step first (by number, not by name)."""
+        found = [p for p in self.root.glob("step_*") if _step_of(p) >= 0 and _complete(p)]
+        return sorted(found, key=_step_of)
+
     def latest(self) -> Path | None:
         """The checkpoint ``latest`` names; if that one is gone or incomplete (deleted by hand
-        after a bad write), the newest complete ``step_*`` folder, said on stderr."""
+        after a bad write), or the pointer itself is lost, the newest complete ``step_*``
+        folder, said on stderr — a run never silently starts again over its checkpoints."""
         name = self._latest_name()
-        if name is None:
-            return None
-        named = self.root / name
-        if _complete(named):
+        named = self.root / name if name is not None else None
+        if named is not None and _complete(named):
             return named
-        complete = [p for p in sorted(self.root.glob("step_*")) if _complete(p)]
+        complete = self._complete_steps()
         if not complete:
+            if named is None:
+                return None
             raise CheckpointError(
                 f"{self.root / 'latest'} names {named}, which is incomplete, and no complete "
                 f"checkpoint is left; delete {self.root} to start afresh"
             )
-        print(f"{named} is missing or incomplete; using {complete[-1].name}", file=sys.stderr)
+        what = f"{named} is missing or incomplete" if named else f"{self.root / 'latest'} is lost"
+        print(f"{what}; using {complete[-1].name}", file=sys.stderr)
         return complete[-1]
 
     def save(
@@ -174,14 +189,16 @@ class CheckpointDir:
             tmp = self.root / "latest.tmp"
             tmp.write_text(final.name)
             os.replace(tmp, self.root / "latest")
-            self._prune()
+            self._prune(final)
         fabric.barrier()
         return final
 
-    def _prune(self) -> None:
-        steps = sorted(self.root.glob("step_*"))
+    def _prune(self, newest: Path) -> None:
+        """Keep the ``keep`` highest steps, by number, and always the one just written."""
+        steps = sorted(self.root.glob("step_*"), key=_step_of)
         for old in steps[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != newest:
+                shutil.rmtree(old, ignore_errors=True)
 
     def load(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -76,7 +77,8 @@ class TrainSection:
     decay_at: list[float] | None = None  # multistep: fractions of training where lr ×decay_rate
     weight_decay: float | None = None
     betas: list[float] | None = None
-    clip_grad: float | None = None
+    # max gradient norm; null: the method's recipe (ROPIM, SimMIM: 5); false: no clipping
+    clip_grad: float | bool | None = None
     precision: str = "auto"  # auto: bf16-mixed on CUDA, 32-true on CPU
     accelerator: str = "auto"
     checkpoint_every: int = 200  # steps
@@ -204,12 +206,44 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+PRESETS = "presets"  # folder of the bundled presets inside the ropim package
+
+
+def bundled_presets() -> dict[str, Path]:
+    """The presets shipped inside the package, by name (file name without ``.yaml``)."""
+    from importlib import resources
+
+    folder = resources.files("ropim") / PRESETS
+    if not folder.is_dir():
+        return {}
+    return {
+        Path(item.name).stem: Path(str(item))
+        for item in sorted(folder.iterdir(), key=lambda item: item.name)
+        if item.name.endswith(".yaml")
+    }
+
+
+def find_config(path: str | Path) -> Path:
+    """An existing file wins; otherwise a bundled preset of that name (``ropim_tiny``,
+    ``ropim_tiny.yaml`` or ``configs/ropim_tiny.yaml``), so presets work installed, outside the
+    checkout."""
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    presets = bundled_presets()
+    name = given.stem if given.suffix in (".yaml", ".yml") else given.name
+    if name in presets:
+        return presets[name]
+    raise ConfigError(
+        f"config file not found: {path}; give a YAML file or a bundled preset name "
+        f"({', '.join(presets) or 'none bundled'}; ropim configs lists them)"
+    )
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from ``path``; a missing file or a syntax error is one line naming the
-    file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """A YAML mapping from ``path`` (or the bundled preset of that name); a missing file or a
+    syntax error is one line naming the file and the line."""
+    path = find_config(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -242,9 +276,29 @@ def load_config_dict(raw: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(f"{source}: {exc}") from None
 
 
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+
+
+def check_clip_grad(value: float | bool | None, key: str) -> None:
+    """A max norm must be positive; ``false`` turns clipping off, ``null`` keeps the recipe's
+    (0 would zero every gradient)."""
+    if value is True or (value is not None and value is not False and not value > 0):
+        raise ConfigError(
+            f"{key}={value!r} must be a positive max norm; false turns clipping off, "
+            f"null keeps the method's recipe value"
+        )
+
+
 def check_values(config: Config) -> None:
-    """Values of the right type that still cannot work (a zero batch, a negative rate)."""
+    """Values of the right type that still cannot work (a zero batch, a negative rate, a
+    number that is not finite, a clipping norm of 0)."""
     train = config.train
+    if train.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision={train.precision!r} must be one of {PRECISIONS}")
+    if train.accelerator not in ACCELERATORS:
+        raise ConfigError(f"train.accelerator={train.accelerator!r} must be one of {ACCELERATORS}")
+    check_clip_grad(train.clip_grad, "train.clip_grad")
     if config.data.on_bad_image not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_image={config.data.on_bad_image!r} must be error or skip")
     if config.data.decode not in ("scaled", "full"):
@@ -274,27 +328,33 @@ def check_values(config: Config) -> None:
         "train.base_lr": train.base_lr,
         "train.lr_batch_divisor": train.lr_batch_divisor,
         "train.time_budget_s": train.time_budget_s,
+        "data.limit": config.data.limit,
         "model.img_size": config.model.img_size,
         "model.patch_size": config.model.patch_size,
         "model.in_chans": config.model.in_chans,
     }
     for key, value in positive.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"{key}={value} must be positive")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key}={value} must be a positive, finite number")
     at_least_zero = {
         "train.min_lr": train.min_lr,
+        "train.warmup_lr": train.warmup_lr,
         "train.warmup_epochs": train.warmup_epochs,
         "train.weight_decay": train.weight_decay,
-        "train.clip_grad": train.clip_grad,
         "model.drop_path": config.model.drop_path,
         "data.num_workers": config.data.num_workers,
         "train.reconstruction_images": train.reconstruction_images,
         "probe.knn_every": config.probe.knn_every,
     }
     for key, value in at_least_zero.items():
-        if value is not None and value < 0:
-            raise ConfigError(f"{key}={value} must be zero or more")
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key}={value} must be a finite number, zero or more")
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    try:
+        Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write {path} ({exc.strerror or exc}): choose a writable run.output_dir"
+        ) from None

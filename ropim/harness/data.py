@@ -283,12 +283,15 @@ def epoch_batches(
     return [mine[i * batch_size : (i + 1) * batch_size].tolist() for i in range(start_batch, count)]
 
 
-def steps_per_epoch(num_items: int, batch_size: int, world_size: int = 1) -> int:
+def steps_per_epoch(
+    num_items: int, batch_size: int, world_size: int = 1, key: str = "train.batch_size"
+) -> int:
+    """Whole batches per epoch; ``key`` names the setting at fault when there are none."""
     steps = (num_items // world_size) // batch_size
     if steps == 0:
         raise ConfigError(
-            f"the dataset has {num_items} images, fewer than train.batch_size={batch_size} × "
-            f"{world_size} device(s); lower train.batch_size"
+            f"the dataset has {num_items} images, fewer than {key}={batch_size} × "
+            f"{world_size} device(s); lower {key}"
         )
     return steps
 

@@ -108,6 +108,11 @@ def describe(report: FolderReport) -> list[str]:
         lines.append(f"  BAD   {status.path}: {status.problem}")
     for name in report.empty_classes:
         lines.append(f"  EMPTY class {name!r} holds no images")
+    if len(report.per_class) < 2:
+        lines.append(
+            f"  WARN  {len(report.per_class)} class(es): pre-training works, but every "
+            f"classification protocol would score 100% (they need at least 2 classes)"
+        )
     converted = {m: n for m, n in report.modes.items() if m != "RGB"}
     for mode, count in sorted(converted.items()):
         lines.append(f"  note  {count} image(s) in mode {mode} will be converted to RGB")

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from ropim.harness.checkpoint import CheckpointDir
 from ropim.harness.data import SeededViews, epoch_batches, steps_per_epoch
 from ropim.harness.errors import ConfigError, TrainingError
+from ropim.harness.preemption import Preempted, stop_requests
 from ropim.harness.progress import ProgressDisplay
 from ropim.harness.records import MetricsLog
 from ropim.harness.seeding import derive_seed, seed_torch
@@ -51,6 +52,10 @@ class LoopPlan:
     keep_history: bool = False  # every step's loss terms, kept in the checkpoint (dense tasks)
     collate: Callable | None = None
     desc: str = "train"
+    # Fingerprint keys a resume may change (the learning rate after a divergence); each change
+    # is printed and returned in LoopResult.resume_changes.
+    resume_may_change: tuple[str, ...] = ()
+    batch_key: str = "train.batch_size"  # the setting an error about the batch names
 
     @classmethod
     def for_task(cls, settings: TrainingSettings, seed: int, desc: str, **rest: Any) -> LoopPlan:
@@ -91,6 +96,8 @@ class LoopResult:
     steps_per_epoch: int
     total_steps: int
     history: list[dict[str, float]]  # per step, when the plan keeps it
+    resume_changes: list[str] = field(default_factory=list)  # "key: old -> new" on resume
+    resumed_from: int = 0  # the step this invocation started at
 
     def mean_of(self, key: str, part: str) -> float:
         """Mean of ``key`` over the first or last tenth of the steps (at least one)."""
@@ -108,7 +115,9 @@ class LoopResult:
 
 class TrainStep:
     """One optimisation step exactly as the loop runs it (benchmarks time this same object):
-    RNG re-seeded for the step, loss, backward, optional clipping, optimiser step."""
+    RNG re-seeded for the step, loss, backward, a finite check of the loss and the gradient
+    norm (all ranks agree; the weights are not touched when it fails), optional clipping,
+    optimiser step."""
 
     def __init__(
         self,
@@ -126,11 +135,39 @@ class TrainStep:
         seed_torch(derive_seed(self.seed, "step", step, self.fabric.global_rank))
         loss, terms = self.loss(self.model, batch, step)
         self.fabric.backward(loss)
+        norm = None
         if self.clip_grad is not None:
-            self.fabric.clip_gradients(self.model, self.optimizer, max_norm=self.clip_grad)
+            norm = self.fabric.clip_gradients(
+                self.model, self.optimizer, max_norm=self.clip_grad, error_if_nonfinite=False
+            )
+        self._check_finite(loss, norm, step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), {k: v.detach() for k, v in terms.items()}
+
+    def _check_finite(self, loss: Tensor, norm: Tensor | None, step: int) -> None:
+        """Raise :class:`NonFiniteStep` before the optimiser moves if this step's loss or
+        gradient norm (the clipping's, else computed here) is not finite on any rank. Under
+        fp16 loss scaling an overflow is the scaler's to skip, so only the loss counts there."""
+        finite = torch.isfinite(loss.detach().float())
+        if getattr(self.fabric.strategy.precision, "scaler", None) is None:
+            if norm is None:
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            if norm is not None:
+                finite = finite & torch.isfinite(norm)
+        if self.fabric.world_size > 1:
+            finite = self.fabric.all_reduce(finite.float(), reduce_op="min") > 0
+        if not bool(finite):
+            raise NonFiniteStep(step + 1, float(loss.detach()))
+
+
+class NonFiniteStep(Exception):
+    """Step ``step`` produced a non-finite loss or gradient; nothing was updated."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(step, loss)
+        self.step, self.loss = step, loss
 
 
 def schedule_position(step: int, total: int, budget_s: float | None, used_s: float) -> int:
@@ -176,26 +213,39 @@ def train_loop(
     state: dict[str, Any] = {"optimizer": optimizer, "scheduler": scheduler}
     progress, history = Progress(), []
     latest = checkpoints.latest()
+    resume_changes: list[str] = []
     if latest is not None:
+        fresh_schedule = scheduler.state_dict()
         rest = checkpoints.load(fabric, latest, module, state, signature)
         saved = json.loads(rest.get("fingerprint", "null"))
         if saved is not None and saved != fingerprint:
-            changes = "; ".join(_differences(saved, fingerprint)[:5])
-            raise ConfigError(
-                f"{latest} was trained with other settings ({changes}); delete "
-                f"{checkpoints.root} to start afresh, or restore the settings"
-            )
+            changes = _differences(saved, fingerprint)
+            allowed = [c for c in changes if c.split(":")[0] in plan.resume_may_change]
+            refused = [c for c in changes if c not in allowed]
+            if refused:
+                may = ", ".join(plan.resume_may_change) or "none"
+                raise ConfigError(
+                    f"{latest} was trained with other settings ({'; '.join(refused[:5])}); "
+                    f"delete {checkpoints.root} to start afresh, or restore the settings "
+                    f"(a resume may change: {may})"
+                )
+            # The schedule is a function of the step: rebuild it from the new settings.
+            scheduler.load_state_dict(fresh_schedule)
+            resume_changes = allowed
+            fabric.print(f"{plan.desc}: resuming with {'; '.join(allowed)}")
         progress = Progress(
             rest["step"], rest["images_seen"], rest["train_time_s"], rest["stopped_by"]
         )
         history = rest.get("history", [])
         fabric.print(f"{plan.desc}: resuming from step {progress.step} ({latest})")
+    resumed_from = progress.step
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out_dir / "metrics.csv")
     evaluations = MetricsLog(out_dir / "evaluations.csv")
     if rank == 0:
         metrics.truncate_after(progress.step)
-        evaluations.truncate_after(progress.step)
+        # From step 0 the step-0 evaluation runs again below: keep none of the old rows.
+        evaluations.truncate_after(progress.step if progress.step else -1)
     fabric.barrier()
 
     step_fn = TrainStep(fabric, model, optimizer, hooks.loss, plan.seed, plan.clip_grad)
@@ -230,104 +280,126 @@ def train_loop(
         run_evaluation()  # the curve's starting point: the encoder before any training step
         window_start = time.perf_counter()
 
-    model.train()
-    while progress.step < total and progress.stopped_by != "time_budget":
-        epoch, start_batch = divmod(progress.step, per_epoch)
-        views.set_epoch(epoch)
-        batches = epoch_batches(
-            len(views),
-            per_device,
-            seed=plan.seed,
-            epoch=epoch,
-            rank=rank,
-            world_size=world,
-            start_batch=start_batch,
-        )
-        loader = DataLoader(
-            views,
-            batch_sampler=batches[: total - progress.step],
-            num_workers=plan.num_workers,
-            collate_fn=plan.collate,
-            pin_memory=fabric.device.type == "cuda",
-        )
-        for batch in fabric.setup_dataloaders(loader, use_distributed_sampler=False):
-            position = schedule_position(progress.step, total, budget_s, running_time())
-            scheduler.step_update(position)
-            loss, terms = step_fn(batch, progress.step)
-            progress.step += 1
-            progress.images_seen += global_batch
-            for name, value in {"loss": loss, **terms}.items():
-                window[name] = window.get(name, 0.0) + value.float()
-            window_steps += 1
-            if plan.keep_history:
-                history.append({name: float(v) for name, v in {"loss": loss, **terms}.items()})
-            display.advance()
-            out_of_time = budget_s is not None and running_time() >= budget_s
-            if out_of_time:
-                progress.stopped_by = "time_budget"
-            last = progress.step >= total or out_of_time
-            if progress.step % plan.log_every == 0 or last:
-                means = {
-                    name: float(fabric.all_reduce(value / window_steps, reduce_op="mean"))
-                    for name, value in window.items()
-                }
-                if not math.isfinite(means["loss"]):
-                    raise TrainingError(
-                        f"{plan.desc}: loss is {means['loss']} at step {progress.step}; lower "
-                        f"the learning rate or set gradient clipping, then resume from the "
-                        f"last checkpoint in {checkpoints.root}"
-                    )
-                now = time.perf_counter()
-                elapsed = now - window_start
-                progress.train_time_s += elapsed
-                throughput = window_steps * global_batch / max(elapsed, 1e-9)
-                lr = optimizer.param_groups[-1]["lr"]
-                display.report(means["loss"], lr, throughput)
-                if rank == 0:
-                    metrics.append(
-                        {"step": progress.step, "epoch": round(progress.step / per_epoch, 4)}
-                        | means
-                        | {
-                            "lr": lr,
-                            "images_per_s": round(throughput, 2),
-                            "elapsed_s": round(progress.train_time_s, 3),
-                        }
-                    )
-                window, window_steps = {}, 0
-                window_start = time.perf_counter()
-            evaluate_now = hooks.evaluate is not None and (
-                last or (hooks.evaluate_every and progress.step % hooks.evaluate_every == 0)
+    def save_checkpoint() -> None:
+        extra = {
+            "step": progress.step,
+            "images_seen": progress.images_seen,
+            "train_time_s": progress.train_time_s,
+            "stopped_by": progress.stopped_by,
+            "fingerprint": json.dumps(fingerprint, sort_keys=True, default=str),
+            "history": history,
+        }
+        checkpoints.save(fabric, progress.step, module, state | extra, signature)
+
+    with stop_requests() as requests:
+        model.train()
+        while progress.step < total and progress.stopped_by != "time_budget":
+            epoch, start_batch = divmod(progress.step, per_epoch)
+            views.set_epoch(epoch)
+            batches = epoch_batches(
+                len(views),
+                per_device,
+                seed=plan.seed,
+                epoch=epoch,
+                rank=rank,
+                world_size=world,
+                start_batch=start_batch,
             )
-            if evaluate_now:
-                pause = time.perf_counter()
-                run_evaluation()
-                window_start += time.perf_counter() - pause  # evaluation is not training
-            if progress.step % plan.checkpoint_every == 0 or last:
-                pause = time.perf_counter()
-                extra = {
-                    "step": progress.step,
-                    "images_seen": progress.images_seen,
-                    "train_time_s": progress.train_time_s,
-                    "stopped_by": progress.stopped_by,
-                    "fingerprint": json.dumps(fingerprint, sort_keys=True, default=str),
-                    "history": history,
-                }
-                checkpoints.save(fabric, progress.step, module, state | extra, signature)
-                window_start += time.perf_counter() - pause  # checkpoint I/O is not training
-            for callback in hooks.after_step:
-                callback(progress.step)
-            if last:
-                break
+            loader = DataLoader(
+                views,
+                batch_sampler=batches[: total - progress.step],
+                num_workers=plan.num_workers,
+                collate_fn=plan.collate,
+                pin_memory=fabric.device.type == "cuda",
+            )
+            for batch in fabric.setup_dataloaders(loader, use_distributed_sampler=False):
+                position = schedule_position(progress.step, total, budget_s, running_time())
+                scheduler.step_update(position)
+                try:
+                    loss, terms = step_fn(batch, progress.step)
+                except NonFiniteStep as bad:
+                    display.close()
+                    kept = checkpoints.latest()
+                    where = f"{kept.name}, finite" if kept else "none yet"
+                    advice = (
+                        f"resume with a lower learning rate ({', '.join(plan.resume_may_change)})"
+                        if plan.resume_may_change and kept
+                        else "start again with a lower learning rate"
+                    )
+                    if plan.clip_grad is None:
+                        advice += " or with gradient clipping"
+                    raise TrainingError(
+                        f"{plan.desc}: the loss or its gradient is not finite at step {bad.step} "
+                        f"(loss {bad.loss}); nothing of that step was applied or saved (last "
+                        f"checkpoint: {where}, in {checkpoints.root}): {advice}"
+                    ) from None
+                progress.step += 1
+                progress.images_seen += global_batch
+                for name, value in {"loss": loss, **terms}.items():
+                    window[name] = window.get(name, 0.0) + value.float()
+                window_steps += 1
+                if plan.keep_history:
+                    history.append({name: float(v) for name, v in {"loss": loss, **terms}.items()})
+                display.advance()
+                out_of_time = budget_s is not None and running_time() >= budget_s
+                if out_of_time:
+                    progress.stopped_by = "time_budget"
+                last = progress.step >= total or out_of_time
+                if progress.step % plan.log_every == 0 or last:
+                    means = {
+                        name: float(fabric.all_reduce(value / window_steps, reduce_op="mean"))
+                        for name, value in window.items()
+                    }
+                    now = time.perf_counter()
+                    elapsed = now - window_start
+                    progress.train_time_s += elapsed
+                    throughput = window_steps * global_batch / max(elapsed, 1e-9)
+                    lr = optimizer.param_groups[-1]["lr"]
+                    display.report(means["loss"], lr, throughput)
+                    if rank == 0:
+                        metrics.append(
+                            {"step": progress.step, "epoch": round(progress.step / per_epoch, 4)}
+                            | means
+                            | {
+                                "lr": lr,
+                                "images_per_s": round(throughput, 2),
+                                "elapsed_s": round(progress.train_time_s, 3),
+                            }
+                        )
+                    window, window_steps = {}, 0
+                    window_start = time.perf_counter()
+                evaluate_now = hooks.evaluate is not None and (
+                    last or (hooks.evaluate_every and progress.step % hooks.evaluate_every == 0)
+                )
+                if evaluate_now:
+                    pause = time.perf_counter()
+                    run_evaluation()
+                    window_start += time.perf_counter() - pause  # evaluation is not training
+                saved = progress.step % plan.checkpoint_every == 0 or last
+                if saved:
+                    pause = time.perf_counter()
+                    save_checkpoint()
+                    window_start += time.perf_counter() - pause  # checkpoint I/O is not training
+                for callback in hooks.after_step:
+                    callback(progress.step)
+                if last:
+                    break
+                signum = requests.pending(fabric)
+                if signum is not None:  # pre-empted: a checkpoint at this step, then stop
+                    if not saved:
+                        save_checkpoint()
+                    display.close()
+                    raise Preempted(signum, progress.step, str(checkpoints.root))
     display.close()
     model.eval()
-    return LoopResult(model, progress, per_epoch, total, history)
+    return LoopResult(model, progress, per_epoch, total, history, resume_changes, resumed_from)
 
 
 def plan_steps(num_items: int, plan: LoopPlan, world_size: int) -> tuple[int, int]:
     """Steps per epoch and in total for ``plan`` on ``num_items`` training items."""
     if plan.batch_size <= 0:
         raise ConfigError(f"{plan.desc}: batch size must be positive, got {plan.batch_size}")
-    per_epoch = steps_per_epoch(num_items, plan.batch_size, world_size)
+    per_epoch = steps_per_epoch(num_items, plan.batch_size, world_size, plan.batch_key)
     if plan.steps is not None:
         return per_epoch, max(1, plan.steps)
     if plan.epochs is None:

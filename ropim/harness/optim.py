@@ -75,7 +75,7 @@ def resolve(train: TrainSection, recipe: Recipe, world_size: int) -> OptimSettin
         warmup_epochs=pick("warmup_epochs", train.warmup_epochs),
         weight_decay=pick("weight_decay", train.weight_decay),
         betas=tuple(pick("betas", train.betas)),  # type: ignore[arg-type]
-        clip_grad=pick("clip_grad", train.clip_grad),
+        clip_grad=pick("clip_grad", train.clip_grad) or None,  # false: no clipping
         schedule=pick("schedule", train.schedule),
         decay_at=tuple(pick("decay_at", train.decay_at)),
         decay_rate=pick("decay_rate", None),

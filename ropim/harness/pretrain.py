@@ -7,6 +7,7 @@ against the same encoder at random initialisation.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,27 @@ class Pretraining:
             return model(images, make_generator(device, seed, "method", step, rank)), {}
 
         return loss
+
+
+# A diverged run resumes from its last (finite) checkpoint with a lower learning rate: these
+# settings may change on resume, each change printed and recorded in run.json.
+LR_KEYS = ("train.base_lr", "train.min_lr", "train.warmup_lr")
+
+
+def _earlier_resume_changes(run_dir: Path) -> list[dict[str, Any]]:
+    """The settings changes of earlier resumes, kept across rewrites of ``run.json``."""
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("resume_changes", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def resume_fingerprint(cfg: Config) -> dict[str, Any]:
+    """What a checkpoint must have been trained with to be continued: every setting that
+    changes the result, not where the run folder lives (a moved folder resumes)."""
+    values = cfg.to_dict()
+    values["run"] = {k: v for k, v in values["run"].items() if k not in ("output_dir", "name")}
+    return values
 
 
 def fill_from_recipe(cfg: Config, recipe: Recipe) -> Resolution:
@@ -203,6 +225,7 @@ def pretrain(
         clip_grad=settings.clip_grad,
         time_budget_s=train_cfg.time_budget_s,
         desc=f"{method.name} pre-train",
+        resume_may_change=LR_KEYS,
     )
     world = fabric.world_size
     per_epoch, total_steps = plan_steps(len(views), plan, world)
@@ -235,6 +258,7 @@ def pretrain(
         "libraries": library_versions(),
         "hardware": hardware(),
         "started_at": datetime.now(timezone.utc).isoformat(),
+        "resume_changes": _earlier_resume_changes(run_dir) if resume else [],
     }
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +283,7 @@ def pretrain(
         hooks,
         run_dir,
         signature,
-        fingerprint=cfg.to_dict(),
+        fingerprint=resume_fingerprint(cfg),
     )
     progress = result.progress
     digests = gather(weights_digest(method))
@@ -278,6 +302,10 @@ def pretrain(
         images_per_s=progress.images_seen / max(progress.train_time_s, 1e-9),
         weights_sha256_per_rank=digests,
     )
+    if result.resume_changes:
+        record["resume_changes"].append(
+            {"from_step": result.resumed_from, "changes": result.resume_changes}
+        )
     if rank0:
         if cfg.train.reconstruction_images:
             _write_reconstructions(cfg, method, fabric.device, run_dir)

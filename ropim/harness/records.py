@@ -13,7 +13,42 @@ from typing import Any
 
 import torch
 
+from ropim.harness.errors import CheckpointError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; a ValueError saying what is wrong with it otherwise."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"{path} holds no JSON object")
+    return found
+
+
+def read_run_record(run_dir: str | Path, finished: bool = False) -> dict[str, Any]:
+    """A run's ``run.json``; a missing or damaged one (or, with ``finished``, a run whose
+    pre-training has not finished) is one :class:`CheckpointError` line naming the file."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise CheckpointError(f"{Path(run_dir)} is not a pre-training run (no run.json)")
+    try:
+        record = json_object(path)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{path} cannot be read ({exc}); restore it, or delete {Path(run_dir)} and "
+            f"pre-train again"
+        ) from None
+    if finished and record.get("status") != "finished":
+        raise CheckpointError(
+            f"{Path(run_dir)} has not finished pre-training (status "
+            f"{record.get('status')!r}); resume it with ropim pretrain --resume, or run the "
+            f"comparison again, before evaluating it"
+        )
+    return record
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -24,7 +59,34 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+PACKAGE = "ropim-bench"
+
+
+def package_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _suite_checkout() -> bool:
+    """Whether this code runs from the suite's own git checkout (not from an installed copy
+    that happens to sit inside someone else's repository)."""
+    project = PROJECT_ROOT / "pyproject.toml"
+    try:
+        return (PROJECT_ROOT / ".git").exists() and f'name = "{PACKAGE}"' in project.read_text()
+    except OSError:
+        return False
+
+
 def code_version() -> dict[str, Any]:
+    """The package version always; the suite's commit and dirty flag only from its own
+    checkout (None otherwise, never another repository's commit)."""
+    if not _suite_checkout():
+        return {"package_version": package_version(), "git_commit": None, "git_dirty": None}
+
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(
@@ -36,7 +98,11 @@ def code_version() -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
+    return {
+        "package_version": package_version(),
+        "git_commit": commit,
+        "git_dirty": bool(status) if status is not None else None,
+    }
 
 
 def library_versions() -> dict[str, str]:

@@ -36,6 +36,10 @@ def _package_dirs() -> dict[Path, str]:
 
 
 def _search_dirs(method_dirs: Iterable[str | Path] = ()) -> list[Path]:
+    method_dirs = list(method_dirs)
+    for folder in method_dirs:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"--method-dir {folder} is not a folder; pass one holding <name>.py")
     env = [p for p in os.environ.get("ROPIM_METHOD_PATH", "").split(os.pathsep) if p]
     return [*_package_dirs(), *(Path(d) for d in method_dirs), *(Path(d) for d in env)]
 
@@ -63,6 +67,11 @@ def available_methods(method_dirs: Iterable[str | Path] = ()) -> list[str]:
 
 
 def _import_method_module(name: str, method_dirs: Iterable[str | Path]) -> ModuleType:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(
+            f"method name {name!r} (method.name) must be a Python identifier such as 'ropim' "
+            f"or 'my_method': it names the file <name>.py in a method folder"
+        )
     packages = _package_dirs()
     for folder in _search_dirs(method_dirs):
         path = folder / f"{name}.py"

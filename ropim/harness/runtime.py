@@ -13,6 +13,7 @@ from lightning_fabric import Fabric
 
 from ropim.harness.backbone import ViTBackbone
 from ropim.harness.config import Config
+from ropim.harness.errors import ConfigError
 from ropim.harness.seeding import derive_seed
 
 
@@ -26,22 +27,58 @@ def resolve_device(accelerator: str = "auto", precision: str = "auto") -> tuple[
     return accelerator, precision
 
 
+def _srun_world() -> tuple[int, int] | None:
+    """(tasks per node, nodes) when ``srun`` started several tasks of this program; None when
+    SLURM is not launching a multi-task step (no SLURM, one task, or an interactive shell)."""
+    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if tasks <= 1 or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    if "SLURM_STEP_ID" not in os.environ or "SLURM_PROCID" not in os.environ:
+        raise ConfigError(
+            f"SLURM_NTASKS={tasks} but this process was not started by srun (no SLURM_STEP_ID/"
+            f"SLURM_PROCID): start it as 'srun python -m ropim ...' so the {tasks} tasks form "
+            f"one world (docs/clusters.md), or request one task"
+        )
+    nodes = int(os.environ.get("SLURM_NNODES", os.environ.get("SLURM_JOB_NUM_NODES", "1")))
+    if tasks % nodes:
+        raise ConfigError(
+            f"SLURM_NTASKS={tasks} does not divide over SLURM_NNODES={nodes}: use "
+            f"--ntasks-per-node (one task per device on every node)"
+        )
+    return tasks // nodes, nodes
+
+
+def launch_world() -> tuple[int, int]:
+    """(processes per node, nodes) of this launch: torchrun's variables, else srun's, else
+    one process."""
+    if "WORLD_SIZE" in os.environ:  # torchrun
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return local, max(int(os.environ["WORLD_SIZE"]) // local, 1)
+    srun = _srun_world()
+    if srun is not None:
+        os.environ.setdefault("SLURM_NTASKS_PER_NODE", str(srun[0]))  # Fabric checks it
+        return srun
+    return 1, 1
+
+
 def launch_rank() -> int:
-    """This process's global rank as torchrun set it (0 without torchrun); known before any
-    Fabric exists, for writes only one process may make."""
-    return int(os.environ.get("RANK", "0"))
+    """This process's global rank as torchrun or srun set it (0 for one process); known
+    before any Fabric exists, for writes only one process may make."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ.get("SLURM_PROCID", "0")) if _srun_world() else 0
 
 
 def make_fabric(accelerator: str = "auto", precision: str = "auto") -> Fabric:
-    """One process per device; under torchrun the world comes from its environment."""
+    """One process per device; under torchrun or srun the world comes from the launcher's
+    environment (Fabric's SLURM environment gives ranks and the main address under srun)."""
     accelerator, precision = resolve_device(accelerator, precision)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node, nodes = launch_world()
     fabric = Fabric(
         accelerator=accelerator,
-        devices=local,
-        num_nodes=max(world // local, 1),
-        strategy="ddp" if world > 1 else "auto",
+        devices=per_node,
+        num_nodes=nodes,
+        strategy="ddp" if per_node * nodes > 1 else "auto",
         precision=precision,  # type: ignore[arg-type]
     )
     fabric.launch()

@@ -9,7 +9,6 @@ seeds. Each (method, seed) is one run: ``<output_dir>/<compare.name>/<method>_se
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from ropim.harness.config import Config, apply_overrides, load_config_dict, read
 from ropim.harness.encoder_run import write_encoder_run
 from ropim.harness.errors import ConfigError
 from ropim.harness.pretrain import pretrain
+from ropim.harness.records import read_run_record
 from ropim.harness.resolution import given_keys
 from ropim.harness.runtime import build_encoder
 
@@ -223,7 +223,7 @@ def run_comparison(planned: list[PlannedRun], method_dirs: tuple = ()) -> list[P
     for index, run in enumerate(planned, 1):
         run_dir = Path(run.config.run.output_dir) / run.config.run.name
         record = run_dir / "run.json"
-        if record.is_file() and json.loads(record.read_text()).get("status") == "finished":
+        if record.is_file() and read_run_record(run_dir).get("status") == "finished":
             print(f"[{index}/{len(planned)}] {run.label}: finished earlier, skipped", flush=True)
             done.append(run_dir)
             continue
@@ -241,7 +241,7 @@ def summarize(run_dirs: list[Path]) -> str:
     header = f"{'run':<22}{'epochs':>8}{'train s':>9}{'img/s':>8}{'stopped by':>13}  probe"
     lines = [header]
     for run_dir in run_dirs:
-        record = json.loads((run_dir / "run.json").read_text())
+        record = read_run_record(run_dir)
         probe = record.get("probe", {}).get("pretrained_accuracy", {})
         probe_text = " ".join(f"{k} {v:.1%}" for k, v in probe.items()) or "-"
         lines.append(

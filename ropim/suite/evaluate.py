@@ -3,14 +3,12 @@ the results CSV and ``<run>/<task>.json`` (the "evaluated" mark), both from rank
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ropim.harness.errors import CheckpointError
-from ropim.harness.records import code_version, write_json
+from ropim.harness.records import code_version, read_run_record, write_json
 from ropim.harness.runtime import launch_rank
 from ropim.harness.tasks import TaskSettings, TaskSpec
 from ropim.suite.results import append_results
@@ -21,9 +19,7 @@ class RunRows:
 
     def __init__(self, run_dir: str | Path, task: str) -> None:
         run_dir = Path(run_dir)
-        if not (run_dir / "run.json").is_file():
-            raise CheckpointError(f"{run_dir} is not a pre-training run (no run.json)")
-        record = json.loads((run_dir / "run.json").read_text())
+        record = read_run_record(run_dir, finished=True)
         budget = record.get("budget", {})
         arch = record["architecture"]
         self.run_dir = run_dir

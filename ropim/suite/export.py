@@ -19,6 +19,7 @@ from timm.models import save_for_hf
 from downstream.encoder import load_pretrained_encoder, pretrained_checkpoint
 from ropim.harness.data import EVAL_INTERPOLATION, dataset_stats, eval_resize
 from ropim.harness.errors import ConfigError
+from ropim.harness.records import read_run_record
 from ropim.suite.results import read_results
 
 
@@ -41,7 +42,7 @@ def export_run(
         "crop_mode": "center",
     }
     save_for_hf(backbone.vit, str(out), safe_serialization=True, data_config=data_config)
-    record = json.loads((run_dir / "run.json").read_text())
+    record = read_run_record(run_dir)
     (out / "README.md").write_text(_model_card(run_dir, record, results_path))
     return out
 

@@ -12,7 +12,6 @@ source in the ``method`` column.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ropim.harness.config import load_config_dict
 from ropim.harness.encoder_run import write_encoder_run
 from ropim.harness.errors import CheckpointError, ConfigError
+from ropim.harness.records import json_object
 from ropim.harness.runtime import build_encoder
 
 BUILD_ARGS = {"img_size", "patch_size", "in_chans", "num_classes", "drop_path_rate"}
@@ -37,7 +37,12 @@ def _create(spec: str) -> tuple[VisionTransformer, str, dict[str, Any]]:
         config_file = folder / "config.json"
         if not config_file.is_file():
             raise ConfigError(f"--weights {spec}: {config_file} not found; pass a timm folder")
-        saved = json.loads(config_file.read_text())
+        try:
+            saved = json_object(config_file)
+        except ValueError as exc:
+            raise ConfigError(
+                f"--weights {spec}: {exc}; re-export the folder (ropim export) or fix the file"
+            ) from None
         args, architecture = saved.get("model_args", {}), saved.get("architecture")
         name = f"local-dir:{folder}"
     elif kind == "timm":

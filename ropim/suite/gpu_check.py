@@ -24,17 +24,17 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from ropim.harness.config import load_config
+from ropim.harness.config import find_config, load_config
 from ropim.harness.errors import ConfigError
 from ropim.harness.pretrain import pretrain
 from ropim.harness.records import hardware, library_versions
 from ropim.suite.bench import bench_pretrain
 from ropim.suite.compare import plan_comparison
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-PAPER_COMPARISON = PROJECT_ROOT / "configs" / "compare_vit_b16_imagenet.yaml"
-TINY_RUN = PROJECT_ROOT / "configs" / "ropim_tiny.yaml"
-TINY_TABLE = PROJECT_ROOT / "configs" / "table2_tiny.yaml"
+# Bundled presets, found by name (installed or from the checkout alike).
+PAPER_COMPARISON = find_config("compare_vit_b16_imagenet")
+TINY_RUN = find_config("ropim_tiny")
+TINY_TABLE = find_config("table2_tiny")
 
 
 class _Crash(RuntimeError):

@@ -1,0 +1,102 @@
+"""Installed from its wheel, outside the checkout: presets by name, honest provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import PROJECT_ROOT
+
+
+def test_the_wheel_runs_a_bundled_preset_from_inside_another_repository(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(PROJECT_ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("ropim_bench-*.whl")
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    other = tmp_path / "someone_elses_repo"
+    other.mkdir()
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(other),
+            "-c",
+            "user.email=a@b",
+            "-c",
+            "user.name=a",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "theirs",
+        ],
+        check=True,
+    )
+    env = os.environ | {"PYTHONPATH": str(target)}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ropim",
+            "pretrain",
+            "--config",
+            "ropim_tiny",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "train.epochs=0.25",
+        ],
+        cwd=other,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads((tmp_path / "runs" / "ropim_tiny" / "run.json").read_text())
+    assert record["code"]["git_commit"] is None  # not the other repository's commit
+    assert record["code"]["package_version"] == "0.2.0"
+    version = subprocess.run(
+        [sys.executable, "-m", "ropim", "--version"],
+        cwd=other,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert version.stdout.strip() == "ropim-bench 0.2.0"
+    where = subprocess.run(
+        [sys.executable, "-c", "import ropim; print(ropim.__file__)"],
+        cwd=other,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert where.stdout.startswith(str(target))  # the installed copy ran, not the checkout
