@@ -420,13 +420,17 @@ def _bench_pretrain(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from ropim.suite.compare import plan_comparison, run_comparison, summarize
+    from ropim.suite.compare import check_methods, plan_comparison, run_comparison, summarize
 
     methods = args.methods.split(",") if args.methods else None
     planned = plan_comparison(args.config, args.overrides, methods)
     for run in planned:
         print(f"{run.label}: {run.config.run.output_dir}/{run.config.run.name}")
+    # Build each method once before anything trains: a misspelt method or a setting it cannot
+    # take fails now, not after the other methods have trained.
+    check_methods(planned, tuple(args.method_dir))
     if args.dry_run:
+        print("ok: every method builds with its settings")
         return 0
     run_dirs = run_comparison(planned, tuple(args.method_dir))
     print(summarize(run_dirs))

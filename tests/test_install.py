@@ -100,3 +100,34 @@ def test_the_wheel_runs_a_bundled_preset_from_inside_another_repository(tmp_path
         text=True,
     )
     assert where.stdout.startswith(str(target))  # the installed copy ran, not the checkout
+
+
+def test_the_hub_is_offline_before_any_library_reads_its_settings():
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import: importing the suite sets it first,
+    so a timm:NAME that is not cached fails at once instead of retrying the network."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    probe = (
+        "import ropim.cli, timm, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)\n"
+        "try:\n"
+        "    timm.create_model('vit_tiny_patch16_224.not_cached_anywhere', pretrained=True)\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
+    lines = done.stdout.split()
+    assert lines[0] == "True", done.stderr[-1000:]
+    assert len(lines) == 2  # not in the cache: it fails from the cache alone
+    allowed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import ropim, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)",
+        ],
+        env=env | {"HF_HUB_OFFLINE": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert allowed.stdout.strip() == "False"  # the user's explicit choice wins

@@ -49,9 +49,12 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoints" / latest / "model.safetensors"))
 
 
-def test_tiny_run_writes_every_artefact(tmp_path):
+def test_tiny_run_writes_every_artefact(tmp_path, capsys):
     cfg = load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}", "train.epochs=2"])
     run_dir = pretrain(cfg)
+    printed = capsys.readouterr().out  # the resolved recipe, before the first step
+    assert "ropim: lr 6.25e-05 = base_lr 0.001 x total batch 32 (1 device(s)) / 512" in printed
+    assert "clip 5; 2 epochs = 16 steps" in printed
     assert (run_dir / "config.yaml").is_file()
     assert load_config(run_dir / "config.yaml") == cfg
 

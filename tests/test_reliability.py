@@ -172,6 +172,12 @@ def test_damaged_or_unfinished_runs_are_one_error_line_in_every_command(tmp_path
     (run / "run.json").write_text("{not json")
     for args in (["evaluate", str(run)], ["export", str(run), str(tmp_path / "out")]):
         assert f"{run / 'run.json'} cannot be read" in _error_line(capsys, args)
+    planned = tmp_path / "cmp" / "table2_tiny" / "ropim_seed0"
+    planned.mkdir(parents=True)
+    (planned / "run.json").write_text("[1, 2")
+    compare = PROJECT_ROOT / "configs" / "table2_tiny.yaml"
+    args = ["compare", "--config", str(compare), f"run.output_dir={tmp_path / 'cmp'}"]
+    assert f"{planned / 'run.json'} cannot be read" in _error_line(capsys, args)
     folder = tmp_path / "weights"
     folder.mkdir()
     (folder / "config.json").write_text("{")
@@ -265,3 +271,17 @@ def test_every_command_with_broken_input_is_one_error_line_and_loses_nothing(tmp
             failed[command] = (code, err[-300:])
     assert not failed, failed
     assert results.read_bytes() == before
+
+
+def test_compare_builds_every_method_before_training_anything(tmp_path, capsys):
+    """A misspelt method or a setting a method cannot take fails before any method trains."""
+    compare = str(PROJECT_ROOT / "configs" / "table2_tiny.yaml")
+    base = ["compare", "--config", compare, "--dry-run", f"run.output_dir={tmp_path}"]
+    assert main(base) == 0 and "ok: every method builds" in capsys.readouterr().out
+    misspelt = "compare.methods={ropim: {method: {ratio: 0.25}}, maskfet: {}}"
+    assert "unknown method name 'maskfet'" in _error_line(capsys, [*base, misspelt])
+    bad = (
+        "compare.methods={ropim: {method: {ratio: 0.25}}, simmim: {method: {mask_patch_size: abc}}}"
+    )
+    assert "method 'simmim': bad setting" in _error_line(capsys, [*base, bad])
+    assert not (tmp_path / "table2_tiny").exists()  # nothing trained

@@ -79,6 +79,25 @@ class Pretraining:
 LR_KEYS = ("train.base_lr", "train.min_lr", "train.warmup_lr")
 
 
+def recipe_line(
+    name: str, settings: OptimSettings, epochs: float, total_steps: int, world: int
+) -> str:
+    """What a run resolved, printed before its first step (as MAE's scripts do)."""
+    clip = "off" if settings.clip_grad is None else f"{settings.clip_grad:g}"
+    schedule = settings.schedule + (
+        f" (x{settings.decay_rate:g} at {list(settings.decay_at)})"
+        if settings.schedule == "multistep"
+        else ""
+    )
+    return (
+        f"{name}: lr {settings.lr:.3g} = base_lr {settings.base_lr:g} x total batch "
+        f"{settings.total_batch} ({world} device(s)) / {settings.lr_batch_divisor}; min lr "
+        f"{settings.min_lr:.3g}; warmup {settings.warmup_epochs:g} epochs from "
+        f"{settings.warmup_lr:.3g}; {schedule}; wd {settings.weight_decay:g}; betas "
+        f"{tuple(settings.betas)}; clip {clip}; {epochs:g} epochs = {total_steps} steps"
+    )
+
+
 def _earlier_resume_changes(run_dir: Path) -> list[dict[str, Any]]:
     """The settings changes of earlier resumes, kept across rewrites of ``run.json``."""
     try:
@@ -232,6 +251,7 @@ def pretrain(
     scheduler = pretrain_scheduler(
         setup.optimizer, settings, total_steps, round(settings.warmup_epochs * per_epoch)
     )
+    fabric.print(recipe_line(method.name, settings, train_cfg.epochs, total_steps, world))
     signature = method.signature()
     record: dict[str, Any] = {
         "status": "running",

@@ -129,8 +129,8 @@ def build_method(
     bound.apply_defaults()
     try:
         method = cls(backbone, **settings)
-    except ValueError as exc:
-        raise ConfigError(f"method {name!r}: {exc}") from None
+    except (ValueError, TypeError) as exc:  # a value of the wrong kind or range
+        raise ConfigError(f"method {name!r}: bad setting in {settings}: {exc}") from None
     method.settings = {"name": name} | {
         k: v for k, v in bound.arguments.items() if k not in ("self", "backbone")
     }

@@ -17,7 +17,7 @@ from downstream.tasks import all_tasks
 from ropim.harness.config import Config, apply_overrides, load_config_dict, read_yaml
 from ropim.harness.encoder_run import write_encoder_run
 from ropim.harness.errors import ConfigError
-from ropim.harness.pretrain import pretrain
+from ropim.harness.pretrain import pretrain, resolve_pretraining
 from ropim.harness.records import read_run_record
 from ropim.harness.resolution import given_keys
 from ropim.harness.runtime import build_encoder
@@ -215,6 +215,16 @@ def plan_comparison(
     if not published:
         check_budget_parity({p.label: p.config for p in planned})
     return planned
+
+
+def check_methods(planned: list[PlannedRun], method_dirs: tuple = ()) -> None:
+    """Build every method of the plan once (its first seed) on its encoder, with every value
+    resolved: an unknown method or a setting it cannot take is one error now."""
+    seen = set()
+    for run in planned:
+        if run.pretrained and run.method not in seen:
+            seen.add(run.method)
+            resolve_pretraining(copy.deepcopy(run.config), 1, method_dirs)
 
 
 def run_comparison(planned: list[PlannedRun], method_dirs: tuple = ()) -> list[Path]:

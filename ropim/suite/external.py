@@ -12,7 +12,6 @@ source in the ``method`` column.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -49,21 +48,14 @@ def _create(spec: str) -> tuple[VisionTransformer, str, dict[str, Any]]:
         args, name, architecture = {}, target, target
     else:
         raise ConfigError(f"--weights {spec!r} must be local-dir:PATH or timm:NAME")
-    offline = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # the cache only: nothing downloads at run time
-    try:
+    try:  # offline unless HF_HUB_OFFLINE=0 (set before the Hub was imported: ropim/__init__)
         model = timm.create_model(name, pretrained=True)
     except Exception as exc:  # timm/hub raise many kinds; the user needs the one line
         raise CheckpointError(
             f"--weights {spec}: timm could not load it ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200]}); for timm:NAME the weights must already be in "
-            f"the local cache"
+            f"the local cache (HF_HUB_OFFLINE=0 allows downloads)"
         ) from None
-    finally:
-        if offline is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = offline
     if not isinstance(model, VisionTransformer):
         raise ConfigError(
             f"--weights {spec} builds a {type(model).__name__}; the suite's protocols take a "

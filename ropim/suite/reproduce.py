@@ -19,7 +19,7 @@ import pandas as pd
 from downstream.tasks import all_tasks, configured_tasks
 from ropim.harness.config import apply_overrides, read_yaml
 from ropim.harness.records import code_version
-from ropim.suite.compare import plan_comparison, run_comparison
+from ropim.suite.compare import check_methods, plan_comparison, run_comparison
 from ropim.suite.evaluate import evaluate_run
 from ropim.suite.report import write_report
 from ropim.suite.results import read_results
@@ -35,6 +35,7 @@ def reproduce(
     raw = apply_overrides(read_yaml(config_path), list(overrides or []))
     tasks = [(task, task.parse_settings(raw)) for task in configured_tasks(raw)]
     planned = plan_comparison(config_path, overrides)
+    check_methods(planned, method_dirs)  # every method builds before any trains
     run_dirs = run_comparison(planned, method_dirs)
     for task, settings in tasks:
         headlines = {(c.protocol, c.metric) for c in task.headlines}
