@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 
 from ropim.harness.config import check_clip_grad
 from ropim.harness.errors import ConfigError
-from ropim.harness.resolution import Resolution, fill_section
-from ropim.harness.tasks import OPERATIONAL, TaskSettings, TrainingSettings
+from ropim.harness.resolution import CONFIG, Resolution, fill_section
+from ropim.harness.tasks import TaskSettings, TrainingSettings, default_source_of
 
 PROTOCOLS = ("knn", "linear", "finetune")
 
@@ -103,7 +103,7 @@ class ClassificationSettings(TaskSettings):
         for protocol in RECIPE_PROTOCOLS:
             resolution = Resolution()
             if protocol in ("knn", "linear"):
-                feature_source = "config" if "feature" in given else "suite default: MAE's probe"
+                feature_source = CONFIG if "feature" in given else "suite default: MAE's probe"
                 resolution.set("feature", resolved.feature, feature_source)
             for key, value in asdict(getattr(resolved, protocol)).items():
                 resolution.set(key, value, sources[protocol][key])
@@ -161,15 +161,13 @@ def settings_for_method(
         recipe = recipes.get(protocol)
 
         def default_source(key: str, protocol: str = protocol) -> str:
-            if key in OPERATIONAL:
-                return "suite setting (no effect on the result)"
-            return DEFAULT_SOURCES[protocol]
+            return default_source_of(key, DEFAULT_SOURCES[protocol])
 
         found = fill_section(
             getattr(resolved, protocol),
             settings.explicit.get(protocol, set()),
             recipe.values if recipe is not None else None,
-            recipe.source_of if recipe is not None else default_source,
+            recipe.source_of if recipe is not None else str,
             default_source,
         )
         sources[protocol] = found.sources

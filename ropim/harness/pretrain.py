@@ -7,7 +7,6 @@ against the same encoder at random initialisation.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,13 @@ from ropim.harness.loop import Hooks, LoopPlan, StepLoss, plan_steps, train_loop
 from ropim.harness.methods import MaskingMethod, Recipe
 from ropim.harness.optim import OptimSettings, build_optimizer, pretrain_scheduler, resolve
 from ropim.harness.probe import extract_features, probe_accuracy
-from ropim.harness.records import code_version, hardware, library_versions, write_json
+from ropim.harness.records import (
+    code_version,
+    hardware,
+    json_object,
+    library_versions,
+    write_json,
+)
 from ropim.harness.registry import build_method, method_class
 from ropim.harness.resolution import CONFIG, Resolution, choose
 from ropim.harness.runtime import (
@@ -101,8 +106,8 @@ def recipe_line(
 def _earlier_resume_changes(run_dir: Path) -> list[dict[str, Any]]:
     """The settings changes of earlier resumes, kept across rewrites of ``run.json``."""
     try:
-        return json.loads((run_dir / "run.json").read_text()).get("resume_changes", [])
-    except (OSError, ValueError, AttributeError):
+        return json_object(run_dir / "run.json").get("resume_changes", [])
+    except ValueError:  # none yet, or unreadable: it is rewritten now
         return []
 
 
@@ -120,13 +125,14 @@ def fill_from_recipe(cfg: Config, recipe: Recipe) -> Resolution:
     filled into ``cfg``, each with its source."""
     found = Resolution()
     for section, key, recipe_value in (
-        (cfg.data, "crop_scale", list(recipe.crop_scale)),
-        (cfg.data, "interpolation", recipe.interpolation),
-        (cfg.model, "drop_path", recipe.drop_path),
+        ("data", "crop_scale", list(recipe.crop_scale)),
+        ("data", "interpolation", recipe.interpolation),
+        ("model", "drop_path", recipe.drop_path),
     ):
-        value, source = choose(getattr(section, key), recipe_value, recipe.source_of(key))
-        setattr(section, key, value)
-        found.set(f"{'model' if section is cfg.model else 'data'}.{key}", value, source)
+        owner = getattr(cfg, section)
+        value, source = choose(getattr(owner, key), recipe_value, recipe.source_of(key))
+        setattr(owner, key, value)
+        found.set(f"{section}.{key}", value, source)
     return found
 
 

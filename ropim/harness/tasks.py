@@ -24,6 +24,11 @@ SettingsT = TypeVar("SettingsT", bound="TaskSettings")
 OPERATIONAL = {"log_every", "checkpoint_every", "num_workers"}  # how a run goes, not what it is
 
 
+def default_source_of(key: str, fallback: str) -> str:
+    """Where a default comes from on the recipe card: operational keys change no result."""
+    return "suite setting (no effect on the result)" if key in OPERATIONAL else fallback
+
+
 @dataclass
 class TaskSettings:
     """Base of every task's settings section: parsed with unknown keys refused, then checked.
@@ -49,9 +54,7 @@ class TaskSettings:
         return settings
 
     def default_source(self, key: str) -> str:
-        if key in OPERATIONAL:
-            return "suite setting (no effect on the result)"
-        return self.SOURCES.get(key, self.DEFAULT_SOURCE)
+        return default_source_of(key, self.SOURCES.get(key, self.DEFAULT_SOURCE))
 
     def card(self, section: str, recipes: Mapping[str, Any]) -> dict[str, Resolution]:
         """What a run of this task uses for a method with these published protocol recipes,

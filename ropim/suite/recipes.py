@@ -67,7 +67,7 @@ def _reference_rows(method: str) -> list[dict[str, Any]]:
     rows = []
     for ref in references[references["method"] == method].itertuples():
         protocol = ref.protocol if ref.task == "classification" else ref.task
-        where = f"{ref.source}"
+        where = str(ref.source)
         rows.append(
             {
                 "protocol": protocol,
