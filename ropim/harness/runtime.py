@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from typing import Any
 
 import torch
@@ -67,6 +68,20 @@ def launch_rank() -> int:
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
     return int(os.environ.get("SLURM_PROCID", "0")) if _srun_world() else 0
+
+
+def launch_id() -> str:
+    """One name shared by every rank of this launch and by no other launch: the SLURM job
+    and step under srun, torchrun's rendezvous (run id and main address) under torchrun, else
+    this host and process."""
+    if "WORLD_SIZE" in os.environ:
+        run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        return f"torchrun:{run}@{where}"
+    if _srun_world() is not None:
+        job = os.environ.get("SLURM_JOB_ID", "?")
+        return f"slurm:{job}.{os.environ.get('SLURM_STEP_ID', '?')}"
+    return f"process:{socket.gethostname()}:{os.getpid()}"
 
 
 def make_fabric(accelerator: str = "auto", precision: str = "auto") -> Fabric:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from downstream.tasks import all_tasks
+from ropim.harness.claims import WorkUnit, share_work
 from ropim.harness.config import Config, apply_overrides, load_config_dict, read_yaml
 from ropim.harness.encoder_run import write_encoder_run
 from ropim.harness.errors import ConfigError
@@ -227,23 +228,43 @@ def check_methods(planned: list[PlannedRun], method_dirs: tuple = ()) -> None:
             resolve_pretraining(copy.deepcopy(run.config), 1, method_dirs)
 
 
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "run.json").is_file() and (
+        read_run_record(run_dir).get("status") == "finished"
+    )
+
+
+def claims_dir(planned: list[PlannedRun]) -> Path:
+    """Where the processes sharing this comparison's folder claim its work."""
+    first = planned[0].config.run
+    return Path(first.output_dir) / ".claims"
+
+
 def run_comparison(planned: list[PlannedRun], method_dirs: tuple = ()) -> list[Path]:
-    """Run each planned run; finished runs are skipped, interrupted ones resumed."""
-    done = []
+    """Run each planned run; finished runs are skipped, interrupted ones resumed. Several
+    processes on one folder split the runs (:func:`ropim.harness.claims.share_work`)."""
+    units = []
     for index, run in enumerate(planned, 1):
         run_dir = Path(run.config.run.output_dir) / run.config.run.name
-        record = run_dir / "run.json"
-        if record.is_file() and read_run_record(run_dir).get("status") == "finished":
-            print(f"[{index}/{len(planned)}] {run.label}: finished earlier, skipped", flush=True)
-            done.append(run_dir)
-            continue
-        print(f"[{index}/{len(planned)}] {run.label}", flush=True)
-        if not run.pretrained:
-            record = {"method": {"name": run.method}, "recipe": {}, "optim": {}}
-            done.append(write_encoder_run(run.config, build_encoder(run.config), record))
-            continue
-        done.append(pretrain(run.config, resume=True, method_dirs=method_dirs))
-    return done
+        units.append(
+            WorkUnit(
+                key=f"pretrain.{run.label}",
+                label=f"[{index}/{len(planned)}] {run.label}",
+                done=lambda run_dir=run_dir: _finished(run_dir),
+                run=lambda run=run: _run_one(run, method_dirs),
+            )
+        )
+    if planned:
+        share_work(units, claims_dir(planned))
+    return [Path(run.config.run.output_dir) / run.config.run.name for run in planned]
+
+
+def _run_one(run: PlannedRun, method_dirs: tuple) -> None:
+    if not run.pretrained:
+        record = {"method": {"name": run.method}, "recipe": {}, "optim": {}}
+        write_encoder_run(run.config, build_encoder(run.config), record)
+        return
+    pretrain(run.config, resume=True, method_dirs=method_dirs)
 
 
 def summarize(run_dirs: list[Path]) -> str:

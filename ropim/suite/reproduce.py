@@ -7,19 +7,25 @@ over all checkpoints, so the classification columns are complete before segmenta
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import shlex
+import socket
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
 from downstream.tasks import all_tasks, configured_tasks
+from ropim.harness.claims import WorkUnit, share_work
 from ropim.harness.config import apply_overrides, read_yaml
-from ropim.harness.records import code_version
-from ropim.suite.compare import check_methods, plan_comparison, run_comparison
+from ropim.harness.records import code_version, write_json
+from ropim.harness.tasks import TaskSettings, TaskSpec
+from ropim.suite.compare import check_methods, claims_dir, plan_comparison, run_comparison
 from ropim.suite.evaluate import evaluate_run
 from ropim.suite.report import write_report
 from ropim.suite.results import read_results
@@ -37,18 +43,71 @@ def reproduce(
     planned = plan_comparison(config_path, overrides)
     check_methods(planned, method_dirs)  # every method builds before any trains
     run_dirs = run_comparison(planned, method_dirs)
+    units = []
     for task, settings in tasks:
-        headlines = {(c.protocol, c.metric) for c in task.headlines}
         for index, run_dir in enumerate(run_dirs, 1):
-            label = f"[{task.name} {index}/{len(run_dirs)}] {run_dir.name}"
-            if (run_dir / f"{task.name}.json").is_file():
-                print(f"{label}: evaluated earlier", flush=True)
-                continue
-            print(label, flush=True)
-            for row in evaluate_run(task, run_dir, settings, results_path):
-                if (row["protocol"], row["metric"]) in headlines:
-                    print(f"  {row['protocol']:<9} {row['metric']} {row['value']:.2%}", flush=True)
-    return make_report(config_path, overrides, results_path, reports_dir)
+            units.append(
+                WorkUnit(
+                    key=f"{task.name}.{run_dir.name}",
+                    label=f"[{task.name} {index}/{len(run_dirs)}] {run_dir.name}",
+                    done=lambda run_dir=run_dir, task=task: (
+                        run_dir / f"{task.name}.json"
+                    ).is_file(),
+                    run=lambda run_dir=run_dir, task=task, settings=settings: _evaluate(
+                        task, run_dir, settings, results_path
+                    ),
+                )
+            )
+    share_work(units, claims_dir(planned))
+    written: list[Path] = []
+    report = WorkUnit(
+        key="report",
+        label="report",
+        done=lambda: _report_current(claims_dir(planned), results_path, written),
+        run=lambda: _write_report(
+            claims_dir(planned), results_path, written,
+            lambda: make_report(config_path, overrides, results_path, reports_dir),
+        ),
+    )  # fmt: skip
+    share_work([report], claims_dir(planned), say=lambda _: None)
+    return written[0]
+
+
+def _evaluate(task: TaskSpec, run_dir: Path, settings: TaskSettings, results_path) -> None:
+    headlines = {(c.protocol, c.metric) for c in task.headlines}
+    for row in evaluate_run(task, run_dir, settings, results_path):
+        if (row["protocol"], row["metric"]) in headlines:
+            print(f"  {row['protocol']:<9} {row['metric']} {row['value']:.2%}", flush=True)
+
+
+def _results_digest(results_path: str | Path) -> str:
+    path = Path(results_path)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def _report_current(claims: Path, results_path: str | Path, written: list[Path]) -> bool:
+    """Whether a process sharing this folder already wrote the report from these results."""
+    mark = claims / "report.done"
+    if not mark.is_file() or written:
+        return bool(written)
+    fields = json.loads(mark.read_text())
+    if fields.get("results_sha256") != _results_digest(results_path):
+        return False
+    if fields.get("code") != code_version():  # another version of the suite: draw it again
+        return False
+    written.append(Path(fields["report"]))
+    print(f"report: {fields['report']} (written by {fields['by']} from the same results)")
+    return True
+
+
+def _write_report(
+    claims: Path, results_path: str | Path, written: list[Path], make: Callable[[], Path]
+) -> None:
+    path = make()
+    written.append(path)
+    mark = {"report": str(path), "results_sha256": _results_digest(results_path)}
+    mark |= {"by": f"{socket.gethostname()} pid {os.getpid()}", "code": code_version()}
+    write_json(claims / "report.done", mark)
 
 
 def make_report(
