@@ -152,6 +152,7 @@ def finetune_accuracy(
         batch_size=batch,
         clip_grad=ft.clip_grad or None,
         batch_key="classification.finetune.batch_size",
+        tracking=cfg.log,
     )
     per_epoch, total = plan_steps(len(train_set), plan, world)
     scheduler = build_scheduler(

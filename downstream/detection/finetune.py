@@ -136,6 +136,7 @@ def finetune_detection(
         keep_history=True,
         collate=collate_lists,
         batch_key="detection.batch_size",
+        tracking=cfg.log,
     )
 
     def step_loss(net: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor]]:

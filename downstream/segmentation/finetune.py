@@ -180,6 +180,7 @@ def finetune_segmentation(
         steps=total,
         keep_history=True,
         batch_key="segmentation.batch_size",
+        tracking=cfg.log,
     )
 
     def step_loss(net: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor]]:

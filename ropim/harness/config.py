@@ -97,6 +97,15 @@ class ProbeSection:
 
 
 @dataclass
+class LogSection:
+    """Trackers beside the CSVs (``ropim.harness.tracking``)."""
+
+    tensorboard: bool = True  # event files in <run>/tensorboard (`tensorboard --logdir runs`)
+    wandb: bool = False  # needs the `wandb` extra; offline unless WANDB_MODE=online
+    wandb_project: str = "ropim-bench"
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     method: dict[str, Any] = field(default_factory=lambda: {"name": "ropim"})
@@ -104,6 +113,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     probe: ProbeSection = field(default_factory=ProbeSection)
+    log: LogSection = field(default_factory=LogSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ropim.harness.checkpoint import CheckpointDir
+from ropim.harness.config import LogSection
 from ropim.harness.data import SeededViews, epoch_batches, steps_per_epoch
 from ropim.harness.errors import ConfigError, TrainingError
 from ropim.harness.preemption import Preempted, stop_requests
@@ -30,6 +31,7 @@ from ropim.harness.progress import ProgressDisplay
 from ropim.harness.records import MetricsLog
 from ropim.harness.seeding import derive_seed, seed_torch
 from ropim.harness.tasks import TrainingSettings
+from ropim.harness.tracking import Tracker
 
 # (model, batch, step) -> (loss, named loss terms to log); the model is the Fabric-wrapped one.
 StepLoss = Callable[[nn.Module, Any, int], tuple[Tensor, dict[str, Tensor]]]
@@ -56,6 +58,7 @@ class LoopPlan:
     # is printed and returned in LoopResult.resume_changes.
     resume_may_change: tuple[str, ...] = ()
     batch_key: str = "train.batch_size"  # the setting an error about the batch names
+    tracking: LogSection = field(default_factory=LogSection)  # TensorBoard / W&B beside the CSVs
 
     @classmethod
     def for_task(cls, settings: TrainingSettings, seed: int, desc: str, **rest: Any) -> LoopPlan:
@@ -242,6 +245,7 @@ def train_loop(
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out_dir / "metrics.csv")
     evaluations = MetricsLog(out_dir / "evaluations.csv")
+    tracker = Tracker(out_dir, plan.tracking, plan.desc, progress.step) if rank == 0 else None
     if rank == 0:
         metrics.truncate_after(progress.step)
         # From step 0 the step-0 evaluation runs again below: keep none of the old rows.
@@ -265,15 +269,14 @@ def train_loop(
         with torch.no_grad():
             scores = hooks.evaluate(model, progress.step)  # type: ignore[misc]
         model.train()
-        if rank == 0:
-            evaluations.append(
-                {
-                    "step": progress.step,
-                    "epoch": round(progress.step / per_epoch, 4),
-                    "train_seconds": round(trained_s, 3),
-                }
-                | scores
-            )
+        if tracker is not None:
+            row = {
+                "step": progress.step,
+                "epoch": round(progress.step / per_epoch, 4),
+                "train_seconds": round(trained_s, 3),
+            } | scores
+            evaluations.append(row)
+            tracker.log("eval", row, progress.step)
 
     if hooks.evaluate is not None and hooks.evaluate_every and progress.step == 0:
         window_start = time.perf_counter()
@@ -356,8 +359,8 @@ def train_loop(
                     throughput = window_steps * global_batch / max(elapsed, 1e-9)
                     lr = optimizer.param_groups[-1]["lr"]
                     display.report(means["loss"], lr, throughput)
-                    if rank == 0:
-                        metrics.append(
+                    if tracker is not None:
+                        row = (
                             {"step": progress.step, "epoch": round(progress.step / per_epoch, 4)}
                             | means
                             | {
@@ -366,6 +369,8 @@ def train_loop(
                                 "elapsed_s": round(progress.train_time_s, 3),
                             }
                         )
+                        metrics.append(row)
+                        tracker.log("train", row, progress.step)
                     window, window_steps = {}, 0
                     window_start = time.perf_counter()
                 evaluate_now = hooks.evaluate is not None and (
@@ -389,8 +394,12 @@ def train_loop(
                     if not saved:
                         save_checkpoint()
                     display.close()
+                    if tracker is not None:
+                        tracker.close()
                     raise Preempted(signum, progress.step, str(checkpoints.root))
     display.close()
+    if tracker is not None:
+        tracker.close()
     model.eval()
     return LoopResult(model, progress, per_epoch, total, history, resume_changes, resumed_from)
 

@@ -251,6 +251,7 @@ def pretrain(
         time_budget_s=train_cfg.time_budget_s,
         desc=f"{method.name} pre-train",
         resume_may_change=LR_KEYS,
+        tracking=cfg.log,
     )
     world = fabric.world_size
     per_epoch, total_steps = plan_steps(len(views), plan, world)

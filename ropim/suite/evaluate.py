@@ -8,9 +8,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ropim.harness.config import load_config
 from ropim.harness.records import code_version, read_run_record, write_json
 from ropim.harness.runtime import launch_rank
 from ropim.harness.tasks import TaskSettings, TaskSpec
+from ropim.harness.tracking import Tracker
 from ropim.suite.results import append_results
 
 
@@ -40,6 +42,7 @@ class RunRows:
             "code_version": (record.get("code") or {}).get("git_commit"),
         }
         self.rows: list[dict[str, Any]] = []
+        self.final_step = int(record.get("total_steps") or 0)
 
     def add(self, protocol: str, metric: str, value: float) -> None:
         self.rows.append(
@@ -59,6 +62,15 @@ class RunRows:
         append_results(results_path, self.rows)
         payload = {"code": code_version(), "rows": self.rows} | (extra or {})
         write_json(self.run_dir / f"{self.task}.json", payload)
+        self._track()
+
+    def _track(self) -> None:
+        """The scores beside the run's training curves, at its last pre-training step."""
+        settings = load_config(self.run_dir / "config.yaml").log
+        tracker = Tracker(self.run_dir, settings, self.run_dir.name)
+        scores = {f"{row['protocol']}/{row['metric']}": row["value"] for row in self.rows}
+        tracker.log(f"results/{self.task}", scores, self.final_step)
+        tracker.close()
 
 
 def evaluate_run(
