@@ -9,8 +9,10 @@ import types
 
 import pandas as pd
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ropim.cli import main
 from ropim.harness.config import LogSection, load_config
 from ropim.harness.errors import ConfigError
 from ropim.harness.pretrain import pretrain
@@ -60,6 +62,31 @@ def test_a_resume_hides_events_past_the_checkpoint_and_false_turns_it_off(tmp_pa
 
     off = pretrain(_cfg(tmp_path / "b", "log.tensorboard=false"))
     assert not (off / "tensorboard").exists() and (off / "metrics.csv").is_file()
+
+
+def test_long_work_prints_progress_lines(tmp_path, capsys, monkeypatch):
+    """Feature extraction, k-NN, every linear-probe epoch and check-data each print a line with
+    a count and an ETA (here after every item: ROPIM_PROGRESS_EVERY_S=0)."""
+    monkeypatch.setenv("ROPIM_PROGRESS_EVERY_S", "0")
+    run_dir = pretrain(_cfg(tmp_path, "probe.knn_every=0"))
+    capsys.readouterr()
+    linear = {"epochs": 3, "batch_size": 64, "optimizer": "sgd"}
+    raw = {"protocols": ["knn", "linear"], "linear": linear}
+    evaluate("classification", run_dir, raw, tmp_path / "r.csv")
+    out = capsys.readouterr().out
+    for line in ("features (train): 1/", "features (val): 1/", "k-NN: 1/1 chunks (100%)"):
+        assert line in out, out
+    probe = [x for x in out.splitlines() if x.startswith("linear probe: ")]
+    assert [x.split()[2] for x in probe] == ["1/3", "2/3", "3/3"] and "ETA" in probe[0]
+    assert all("| loss " in x for x in probe)
+
+    folder = tmp_path / "images" / "train" / "a"
+    folder.mkdir(parents=True)
+    for index in range(3):
+        Image.new("RGB", (8, 8)).save(folder / f"{index}.png")
+    main(["check-data", "--config", str(TINY_CONFIG), "data.dataset=imagefolder",
+          f"data.root={tmp_path / 'images'}", "--workers", "1"])  # fmt: skip
+    assert "images/train: 3/3 images (100%)" in capsys.readouterr().out
 
 
 def test_wandb_logs_offline_by_default_and_is_named_when_missing(tmp_path, monkeypatch):

@@ -58,9 +58,11 @@ def run_classification(
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         backbone.to(device)
         train_x, train_y = extract_features(
-            backbone, SeededViews(train_images, transform, seed), device
+            backbone, SeededViews(train_images, transform, seed), device, desc="features (train)"
         )
-        val_x, val_y = extract_features(backbone, SeededViews(val_images, transform, seed), device)
+        val_x, val_y = extract_features(
+            backbone, SeededViews(val_images, transform, seed), device, desc="features (val)"
+        )
         x_train = torch.from_numpy(train_x[settings.feature])
         x_val = torch.from_numpy(val_x[settings.feature])
         y_train, y_val = torch.from_numpy(train_y), torch.from_numpy(val_y)

@@ -163,6 +163,14 @@ def finetune_accuracy(
         warmup_lr=warmup_start(ft, batch * world),
         warmup_prefix=ft.warmup_prefix,
     )
+    total_batch = batch * world
+    fabric.print(
+        f"{desc}: lr {ft.base_lr * total_batch / ft.lr_batch_divisor:.3g} = base_lr "
+        f"{ft.base_lr:g} x total batch {total_batch} ({world} device(s)) / "
+        f"{ft.lr_batch_divisor}; min lr {min_lr:.3g}; warmup {ft.warmup_epochs:g} epochs from "
+        f"{warmup_start(ft, total_batch):.3g}; cosine; layer decay {ft.layer_decay:g}; wd "
+        f"{ft.weight_decay:g}; clip {ft.clip_grad or 'off'}; {ft.epochs:g} epochs = {total} steps"
+    )
     mixing = ft.mixup > 0 or ft.cutmix > 0
     mixup = (
         Mixup(

@@ -19,6 +19,7 @@ from downstream.classification.settings import LinearSettings
 from ropim.harness.backbone import ViTBackbone
 from ropim.harness.data import SeededViews, epoch_batches, steps_per_epoch
 from ropim.harness.optim import build_scheduler
+from ropim.harness.progress import tracked
 
 
 def mae_lars(
@@ -114,9 +115,15 @@ def train_linear_head(
     scheduler = build_scheduler(
         opt, recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
     )
-    step = 0
+    step, losses = 0, []
     head.train()
-    for epoch in range(recipe.epochs):
+
+    def mean_loss() -> str:
+        return f"loss {float(torch.stack(losses).mean()) if losses else float('nan'):.4f}"
+
+    epochs = range(recipe.epochs)
+    for epoch in tracked(epochs, recipe.epochs, "linear probe", unit="epoch", note=mean_loss):
+        losses.clear()
         for features, labels in batches(epoch):
             if len(labels) < 2:
                 continue  # BatchNorm needs two samples
@@ -125,6 +132,7 @@ def train_linear_head(
             opt.zero_grad()
             loss.backward()
             opt.step()
+            losses.append(loss.detach())  # no device sync per step
             step += 1
     head.eval()
     return head

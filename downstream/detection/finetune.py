@@ -32,6 +32,7 @@ from downstream.scenes import scene_dataset_dir, scenes_folder, spec_of, write_c
 from ropim.harness.data import SeededPairs, dataset_stats
 from ropim.harness.loop import Hooks, LoopPlan, train_loop
 from ropim.harness.optim import layer_decay_adamw
+from ropim.harness.progress import tracked
 from ropim.harness.runtime import make_fabric
 from ropim.harness.seeding import derive_seed
 from ropim.harness.tasks import TaskOutcome
@@ -177,7 +178,8 @@ def evaluate_detector(model: nn.Module, val: CocoInstances, in_chans: int, fabri
     model.eval()
     start = time.perf_counter()
     local = []
-    for index in range(fabric.global_rank, len(val), fabric.world_size):
+    mine = range(fabric.global_rank, len(val), fabric.world_size)
+    for index in tracked(mine, len(mine), "detection eval", unit="image"):
         image, target = val[index]
         output = model([to_model_input(image, in_chans).to(fabric.device)])[0]
         local += coco_results(output, int(target["image_id"]), val.category_ids)

@@ -49,6 +49,7 @@ from ropim.harness.data import SeededPairs, dataset_stats
 from ropim.harness.errors import ConfigError
 from ropim.harness.loop import Hooks, LoopPlan, train_loop
 from ropim.harness.optim import layer_decay_adamw
+from ropim.harness.progress import tracked
 from ropim.harness.runtime import make_fabric
 from ropim.harness.seeding import derive_seed
 from ropim.harness.tasks import TaskOutcome
@@ -226,7 +227,8 @@ def evaluate_segmenter(
     mean, std = dataset_stats(cfg.data)
     matrix = torch.zeros((val.num_classes,) * 2, dtype=torch.long, device=fabric.device)
     start = time.perf_counter()
-    for index in range(fabric.global_rank, len(val), fabric.world_size):
+    mine = range(fabric.global_rank, len(val), fabric.world_size)
+    for index in tracked(mine, len(mine), "segmentation eval", unit="image"):
         image, label = val[index]
         size = keep_ratio_size(*label.shape, settings.scale)
         image, _ = resize_pair(image, None, size)

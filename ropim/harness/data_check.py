@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from ropim.harness.errors import DataError
+from ropim.harness.progress import tracked
 
 
 @dataclass
@@ -90,9 +91,11 @@ def check_folder(folder: str | Path, workers: int | None = None) -> FolderReport
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(paths) > 64:
         with ProcessPoolExecutor(workers) as pool:
-            statuses = list(pool.map(inspect_image, paths, chunksize=64))
+            checked = pool.map(inspect_image, paths, chunksize=64)
+            statuses = list(tracked(checked, len(paths), f"checking {folder}", unit="image"))
     else:
-        statuses = [inspect_image(p) for p in paths]
+        checked = map(inspect_image, paths)
+        statuses = list(tracked(checked, len(paths), f"checking {folder}", unit="image"))
     for status in statuses:
         if status.problem:
             report.bad.append(status)

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ropim.harness.progress import tracked
+
 
 @torch.no_grad()
 def knn_predict(
@@ -24,7 +26,8 @@ def knn_predict(
     bank = F.normalize(train_features.float(), dim=1)
     k = min(k, len(bank))
     predictions = []
-    for start in range(0, len(query_features), chunk):
+    starts = range(0, len(query_features), chunk)
+    for start in tracked(starts, len(starts), "k-NN", unit="chunk"):
         query = F.normalize(query_features[start : start + chunk].float(), dim=1)
         similarity, index = (query @ bank.T).topk(k, dim=1)
         votes = torch.zeros(len(query), num_classes, device=query.device)

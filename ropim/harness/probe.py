@@ -15,17 +15,23 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset
 
 from ropim.harness.backbone import ViTBackbone
+from ropim.harness.progress import tracked
 
 
 @torch.no_grad()
 def extract_features(
-    backbone: ViTBackbone, dataset: Dataset, device: torch.device, batch_size: int = 256
+    backbone: ViTBackbone,
+    dataset: Dataset,
+    device: torch.device,
+    batch_size: int = 256,
+    desc: str = "features",
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     was_training = backbone.training
     backbone.eval()
     features: dict[str, list[torch.Tensor]] = {}
     labels = []
-    for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for images, targets in tracked(loader, len(loader), desc):
         for kind, values in backbone.pooled_features(images.to(device)).items():
             features.setdefault(kind, []).append(values.float().cpu())
         labels.append(torch.as_tensor(targets))

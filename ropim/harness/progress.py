@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 from tqdm import tqdm
+
+T = TypeVar("T")
 
 
 def _clock(seconds: float) -> str:
@@ -58,3 +63,55 @@ class ProgressDisplay:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def progress_every_s() -> float:
+    """Seconds between plain progress lines (``ROPIM_PROGRESS_EVERY_S``, 10 by default)."""
+    return float(os.environ.get("ROPIM_PROGRESS_EVERY_S", "10"))
+
+
+def tracked(
+    items: Iterable[T],
+    total: int,
+    desc: str,
+    unit: str = "batch",
+    note: Callable[[], str] | None = None,
+) -> Iterator[T]:
+    """``items`` with progress for work that can take minutes at paper scale (feature
+    extraction, k-NN, probe epochs, dense evaluation, data checks): a bar on a terminal,
+    otherwise a line every :func:`progress_every_s` seconds and one at the end, with count,
+    rate and ETA; ``note`` adds a live value (a loss). Silent on ranks other than 0."""
+    from ropim.harness.runtime import launch_rank
+
+    if launch_rank() != 0:
+        yield from items
+        return
+    if sys.stderr.isatty():
+        bar = tqdm(items, total=total, desc=desc, unit=unit)
+        for item in bar:
+            yield item
+            if note is not None:
+                bar.set_postfix_str(note())
+        return
+    every = progress_every_s()
+    started = last = time.perf_counter()
+    done = lines = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.perf_counter()
+        # the closing line only after a long job (the k-NN monitor would repeat it every time)
+        final = done == total and (lines or now - started >= every)
+        if now - last >= every or final:
+            lines += 1
+            last = now
+            elapsed = now - started
+            eta = elapsed / done * max(total - done, 0)
+            extra = f" | {note()}" if note is not None else ""
+            units = unit + ("es" if unit.endswith(("ch", "sh", "s")) else "s")
+            print(
+                f"{desc}: {done}/{total} {units} ({100 * done / max(total, 1):.0f}%){extra} "
+                f"| {done / max(elapsed, 1e-9):.1f} {units}/s | elapsed {_clock(elapsed)} "
+                f"| ETA {_clock(eta)}",
+                flush=True,
+            )
