@@ -53,8 +53,16 @@ def _parser() -> argparse.ArgumentParser:
         "--weights",
         action="append",
         default=[],
-        help="an encoder not trained here: local-dir:PATH (a timm folder) or timm:NAME (cached)",
+        help="an encoder not trained here: an author's .pth/.safetensors file (MAE, SimMIM, "
+        "BEiT or ROPIM layout; the architecture from the config's model section), "
+        "local-dir:PATH (a timm folder), timm:NAME or hf-hub:ORG/NAME (cached; never downloaded)",
     )
+    ev.add_argument(
+        "--layout",
+        help="the checkpoint file's key layout: mae, simmim (also ROPIM's), beit or timm "
+        "(default: detected from its keys)",
+    )
+    ev.add_argument("--name", help="the method name the imported weights' rows carry")
     ev.add_argument(
         "--task",
         action="append",
@@ -320,7 +328,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     raw = read_yaml(args.config) if args.config else {}
     raw = apply_overrides(raw or {}, args.overrides)
     if not args.runs and not args.weights:
-        raise ConfigError("name run directories or --weights local-dir:PATH|timm:NAME to evaluate")
+        raise ConfigError(
+            "name run directories, or --weights FILE|local-dir:PATH|timm:NAME|hf-hub:ORG/NAME"
+        )
     if args.weights and not args.config:
         raise ConfigError("--weights needs --config: its data section says what to evaluate on")
     run_dirs = list(args.runs)
@@ -328,7 +338,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         from ropim.suite.external import import_weights
 
         output_dir = (raw.get("run") or {}).get("output_dir", "runs")
-        run_dirs += [import_weights(spec, raw, output_dir) for spec in args.weights]
+        run_dirs += [
+            import_weights(spec, raw, output_dir, args.name, args.layout) for spec in args.weights
+        ]
     names = args.task or [t.name for t in all_tasks() if t.always]
     tasks = [task_named(name) for name in names]
     for task in tasks:

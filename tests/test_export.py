@@ -57,4 +57,4 @@ def test_outside_weights_evaluate_like_the_run_they_came_from(tmp_path, capsys):
     assert top1.loc["ropim"] == top1.loc[f"local-dir:{out}"]
     assert (tmp_path / "external").is_dir()
     assert main(["evaluate", "--weights", "nowhere:x", "--config", str(TINY_CONFIG)]) == 2
-    assert "must be local-dir:PATH or timm:NAME" in capsys.readouterr().err
+    assert "local-dir:PATH, timm:NAME or hf-hub:ORG/NAME" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from downstream.encoder import load_pretrained_encoder, pretrained_checkpoint
 from ropim.harness.data import EVAL_INTERPOLATION, dataset_stats, eval_resize
 from ropim.harness.errors import ConfigError
 from ropim.harness.records import read_run_record
+from ropim.suite.external import model_args_record
 from ropim.suite.results import read_results
 
 
@@ -43,8 +44,31 @@ def export_run(
     }
     save_for_hf(backbone.vit, str(out), safe_serialization=True, data_config=data_config)
     record = read_run_record(run_dir)
+    _own_metadata(out / "config.json", run_tag(run_dir, record), cfg.model.kwargs)
     (out / "README.md").write_text(_model_card(run_dir, record, results_path))
     return out
+
+
+LICENSE = "mit"  # the project's (LICENSE); the weights are this run's own
+# timm's defaults for the architecture that describe someone else's weights
+FOREIGN_KEYS = ("hf_hub_id", "hf_hub_filename", "url", "file", "source", "origin_url",
+                "paper_ids", "paper_name", "notes", "architecture")  # fmt: skip
+
+
+def run_tag(run_dir: Path, record: dict[str, Any]) -> str:
+    """The run's own tag, e.g. ``ropim-table2_smoke-seed0``."""
+    raw = f"{record['method']['name']}-{run_dir.parent.name}-seed{record['seed']}"
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in raw)
+
+
+def _own_metadata(path: Path, tag: str, kwargs: dict[str, Any]) -> None:
+    """config.json with the run's tag and the project's license instead of timm's defaults,
+    and the model arguments as exported (so an edited copy is refused on import)."""
+    config = json.loads(path.read_text())
+    pretrained = {k: v for k, v in config["pretrained_cfg"].items() if k not in FOREIGN_KEYS}
+    config["pretrained_cfg"] = pretrained | {"tag": tag, "license": LICENSE}
+    config |= model_args_record(config.get("model_args") or {})
+    path.write_text(json.dumps(config, indent=2))
 
 
 def _scores(run_dir: Path, results_path: str | Path) -> pd.DataFrame:
@@ -61,16 +85,21 @@ def _model_card(run_dir: Path, record: dict[str, Any], results_path: str | Path)
     arch = record["architecture"]
     code = record.get("code") or {}
     scores = _scores(run_dir, results_path)
+    dataset = record["dataset"]["name"]
     lines = [
         "---",
+        f"license: {LICENSE}",
         "library_name: timm",
-        "tags: [image-feature-extraction, self-supervised, masked-image-modeling]",
+        f"tags: [image-feature-extraction, self-supervised, masked-image-modeling, "
+        f"{method['name']}, {run_tag(run_dir, record)}]",
+        f"datasets: [{dataset}]",
         "---",
         "",
         f"# {method['name']} pre-trained {arch['model']} ({run_dir.name})",
         "",
-        f"Encoder pre-trained with **{method['name']}** by the ROPIM benchmark suite, "
-        f"exported from `{run_dir}` (checkpoint `{pretrained_checkpoint(run_dir)}`).",
+        f"Encoder pre-trained with **{method['name']}** on {dataset} by the ROPIM benchmark "
+        f"suite: run `{run_dir.parent.name}/{run_dir.name}`, checkpoint "
+        f"`{pretrained_checkpoint(run_dir)}`.",
         "",
         "```python",
         "import timm",
@@ -98,5 +127,5 @@ def _model_card(run_dir: Path, record: dict[str, Any], results_path: str | Path)
     if len(scores):
         lines += [scores.to_markdown(index=False), ""]
     else:
-        lines += [f"None recorded in `{results_path}` yet (`ropim evaluate {run_dir}`).", ""]
+        lines += ["None recorded for this run yet (`ropim evaluate RUN_DIR`).", ""]
     return "\n".join(lines)
