@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/ropim_mnist.yaml
 
-.PHONY: setup pretrain test lint format clean bench compare bench-pretrain bench-data bench-dense reproduce-table2 report gpu-check
+.PHONY: setup pretrain test lint format clean bench compare bench-pretrain bench-data bench-dense reproduce-table2 report gpu-check published-checkpoints
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ bench-dense: setup  ## one ViTDet iteration at 1024 px (windowed vs. global) and
 SCALE ?= smoke
 reproduce-table2: setup  ## pre-train all methods x seeds, evaluate, write reports/table2_$(SCALE).md
 	$(BIN)/ropim reproduce --config configs/table2_$(SCALE).yaml $(if $(IMAGENET_DIR),data.root=$(IMAGENET_DIR)) \
+		$(if $(ADE20K_DIR),segmentation.root=$(ADE20K_DIR)) $(if $(COCO_DIR),detection.root=$(COCO_DIR)) $(ARGS)
+
+published-checkpoints: setup  ## the authors' MAE/SimMIM (ROPIM) checkpoints in CHECKPOINTS through every task vs. their papers
+	$(BIN)/ropim published --checkpoints $(CHECKPOINTS) $(if $(IMAGENET_DIR),data.root=$(IMAGENET_DIR)) \
 		$(if $(ADE20K_DIR),segmentation.root=$(ADE20K_DIR)) $(if $(COCO_DIR),detection.root=$(COCO_DIR)) $(ARGS)
 
 report: setup  ## rebuild reports/table2_$(SCALE).md from results/results.csv (no training)

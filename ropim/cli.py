@@ -42,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--reports", default="reports")
     rep.add_argument("--method-dir", action="append", default=[])
     rep.add_argument("overrides", nargs="*")
+    pub = sub.add_parser(
+        "published", help="the authors' released checkpoints through every task, vs. their papers"
+    )
+    pub.add_argument("--config", "-c", default="published_checkpoints", help="a published preset")
+    pub.add_argument("--checkpoints", required=True, help="folder holding the downloaded files")
+    pub.add_argument("--results", default="results/results.csv")
+    pub.add_argument("--reports", default="reports")
+    pub.add_argument("overrides", nargs="*", help="e.g. data.root=... segmentation.root=...")
     rp = sub.add_parser("report", help="tables and figures from results/ (no training)")
     rp.add_argument("--config", "-c", required=True, help="e.g. configs/table2_smoke.yaml")
     rp.add_argument("--results", default="results/results.csv")
@@ -237,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             from ropim.suite.reproduce import make_report
 
             make_report(args.config, args.overrides, args.results, args.reports)
+            return 0
+        if args.command == "published":
+            from ropim.suite.published import evaluate_published
+
+            evaluate_published(
+                args.config, args.checkpoints, args.overrides, args.results, args.reports
+            )
             return 0
         if args.command == "reproduce":
             from ropim.suite.reproduce import reproduce

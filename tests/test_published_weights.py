@@ -11,6 +11,7 @@ import socket
 import sys
 import types
 
+import pandas as pd
 import pytest
 import torch
 
@@ -23,33 +24,36 @@ from ropim.harness.pretrain import pretrain
 from ropim.harness.runtime import weights_digest
 from ropim.suite.external import import_weights
 from ropim.suite.results import read_results
-from tests.conftest import TINY_CONFIG
+from tests.conftest import PROJECT_ROOT, TINY_CONFIG
 
 VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 BEIT = VIT | {"use_shared_rel_pos_bias": True, "use_abs_pos_emb": False, "init_values": 0.1}
+BEIT |= {"use_rel_pos_bias": False}  # SimMIM's ViT-B: one shared table (USE_SHARED_RPB)
 BEIT_SETTINGS = [
     "--set", "model.name=beit_base_patch16_224",
     "--set", "model.kwargs={depth: 2, embed_dim: 32, num_heads: 2, use_shared_rel_pos_bias: true,"
-    " use_abs_pos_emb: false, init_values: 0.1}",
+    " use_abs_pos_emb: false, init_values: 0.1, use_rel_pos_bias: false}",
 ]  # fmt: skip
 PROBES = ["--set", "classification.protocols=[knn, linear]", "--set", "classification.knn.k=10"]
 PROBES += ["--set", "classification.linear.epochs=2"]
 PROBES += ["--set", "classification.linear.batch_size=64"]
 
 
-def _encoder(name: str, kwargs: dict) -> ViTBackbone:
+def _encoder(name: str, kwargs: dict, size: int = 28) -> ViTBackbone:
     torch.manual_seed(1)
-    return ViTBackbone(name, 28, 7, **kwargs)
+    return ViTBackbone(name, size, size // 4, **kwargs)
 
 
-def mae_file(path, drop: str | None = None, extra: str | None = None) -> ViTBackbone:
+def mae_file(
+    path, drop: str | None = None, extra: str | None = None, size: int = 28
+) -> ViTBackbone:
     """facebookresearch/mae's layout: {'model': timm keys + decoder keys}."""
-    encoder = _encoder("vit_tiny_patch16_224", VIT)
+    encoder = _encoder("vit_tiny_patch16_224", VIT, size)
     state = dict(encoder.vit.state_dict())
     state |= {
         "mask_token": torch.zeros(1, 1, 16),
         "decoder_embed.weight": torch.zeros(16, 32),
-        "decoder_pos_embed": torch.zeros(1, 17, 16),
+        "decoder_pos_embed": torch.zeros(1, 17, 16),  # (shapes are not checked: dropped)
         "decoder_blocks.0.norm1.weight": torch.ones(16),
         "decoder_norm.weight": torch.ones(16),
         "decoder_pred.weight": torch.zeros(147, 16),
@@ -62,11 +66,11 @@ def mae_file(path, drop: str | None = None, extra: str | None = None) -> ViTBack
     return encoder
 
 
-def simmim_file(path, monkeypatch) -> ViTBackbone:
+def simmim_file(path, monkeypatch, size: int = 28) -> ViTBackbone:
     """microsoft/SimMIM's (and ROPIM's) layout: 'encoder.'-prefixed BEiT-style keys, the mask
     token, the decoder, the relative position index buffers, and its yacs config pickled
     beside them."""
-    encoder = _encoder("beit_base_patch16_224", BEIT)
+    encoder = _encoder("beit_base_patch16_224", BEIT, size)
     state = {f"encoder.{k}": v for k, v in encoder.vit.state_dict().items()}
     state["encoder.rel_pos_bias.relative_position_index"] = torch.zeros(17, 17, dtype=torch.long)
     state["encoder.mask_token"] = torch.zeros(1, 1, 32)
@@ -179,3 +183,58 @@ def test_an_uncached_hub_name_fails_in_one_line_without_the_network(tmp_path, mo
     with pytest.raises(CheckpointError, match="must already be in the local") as error:
         import_weights("hf-hub:nobody/not-a-cached-model", {}, tmp_path)
     assert "\n" not in str(error.value) and attempts == []
+
+
+def test_published_checkpoints_run_every_task_and_table_the_differences(tmp_path, monkeypatch):
+    """The published preset's flow on small checkpoints in MAE's and SimMIM's layouts: every
+    task, a table of ours vs. published with the difference, protocol mismatches marked, a
+    missing optional checkpoint skipped, nothing evaluated twice on a second run."""
+    import yaml
+
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    mae_file(folder / "mae_pretrain_vit_base.pth", size=32)
+    simmim_file(folder / "simmim_pretrain__vit_base__img224__800ep.pth", monkeypatch, size=32)
+    preset = yaml.safe_load((PROJECT_ROOT / "configs" / "published_checkpoints.yaml").read_text())
+    tiny = yaml.safe_load((PROJECT_ROOT / "configs" / "table2_tiny.yaml").read_text())
+    model = {"img_size": 32, "patch_size": 8}
+    for entry in preset["published"]["checkpoints"].values():
+        entry["model"] = entry["model"] | model
+        entry["model"]["kwargs"] = entry["model"].get("kwargs", {}) | VIT
+    preset |= {key: tiny[key] for key in ("segmentation", "detection")}
+    preset["classification"] = {
+        "protocols": ["knn", "linear"],
+        "knn": {"k": 10},
+        "linear": {"epochs": 2, "batch_size": 64, "optimizer": "sgd"},
+    }
+    preset["data"] = {"dataset": "mnist", "limit": 256}
+    preset["run"]["output_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "published.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    args = [
+        "published",
+        "--config",
+        str(path),
+        "--checkpoints",
+        str(folder),
+        "--results",
+        str(tmp_path / "results.csv"),
+        "--reports",
+        str(tmp_path / "reports"),
+    ]
+    assert main(args) == 0
+    table = pd.read_csv(tmp_path / "reports" / "published_checkpoints.csv")
+    assert set(table["checkpoint"]) == {"mae_official", "simmim_official"}  # ROPIM's skipped
+    assert set(table["task"]) == {"classification", "segmentation", "detection"}
+    row = table[(table["checkpoint"] == "mae_official") & (table["protocol"] == "linear")].iloc[0]
+    assert row["published"] == 68.0 and row["same_protocol"]
+    assert row["difference"] == pytest.approx(row["ours"] - 68.0, abs=0.01)
+    simmim = table[(table["checkpoint"] == "simmim_official") & (table["protocol"] == "linear")]
+    assert simmim.iloc[0]["published"] == 56.7 and not simmim.iloc[0]["same_protocol"]
+    assert "classification.feature=avg classification.linear.layer=8" in simmim.iloc[0]["note"]
+    miou = table[(table["checkpoint"] == "mae_official") & (table["metric"] == "mIoU")]
+    assert miou.iloc[0]["published"] == 48.1
+    rows = read_results(tmp_path / "results.csv")
+    assert set(rows["method"]) == {"mae", "simmim"}  # the method whose recipes apply
+    again = len(rows)
+    assert main(args) == 0 and len(read_results(tmp_path / "results.csv")) == again

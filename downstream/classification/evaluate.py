@@ -82,13 +82,25 @@ def run_classification(
         if "linear" in settings.protocols:
             start = time.perf_counter()
             lin = settings.linear
+            probe_train, probe_val = x_train, x_val
+            if lin.layer is not None:  # another block than the k-NN's: extract again
+
+                def at_layer(images: Any, split: str) -> torch.Tensor:
+                    views = SeededViews(images, transform, seed)
+                    desc = f"features (block {lin.layer}, {split})"
+                    found = extract_features(backbone, views, device, desc=desc, layer=lin.layer)
+                    return torch.from_numpy(found[0][settings.feature])
+
+                probe_val = at_layer(val_images, "val")
+                if not lin.augment:
+                    probe_train = at_layer(train_images, "train")
             if lin.augment:
                 views = SeededViews(train_images, probe_transform(cfg, lin.crop_scale), seed)
                 acc = augmented_linear_probe_accuracy(
                     backbone,
                     views,
                     settings.feature,
-                    x_val,
+                    probe_val,
                     y_val,
                     num_classes,
                     lin,
@@ -97,7 +109,9 @@ def run_classification(
                     cfg.data.num_workers,
                 )
             else:
-                acc = linear_probe_accuracy(x_train, y_train, x_val, y_val, num_classes, lin, seed)
+                acc = linear_probe_accuracy(
+                    probe_train, y_train, probe_val, y_val, num_classes, lin, seed
+                )
             add("linear", "top1", acc)
             add("linear", "seconds", time.perf_counter() - start)
     if "finetune" in settings.protocols:

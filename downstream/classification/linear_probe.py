@@ -197,7 +197,8 @@ def augmented_linear_probe_accuracy(
             for _ in range(math.ceil(size / FEATURE_CHUNK)):
                 images, targets = next(loader)
                 with torch.no_grad():
-                    features.append(backbone.pooled_features(images.to(device))[feature].float())
+                    pooled = backbone.pooled_features(images.to(device), recipe.layer)
+                    features.append(pooled[feature].float())
                 labels.append(torch.as_tensor(targets).to(device))
             yield torch.cat(features), torch.cat(labels)
 

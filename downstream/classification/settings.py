@@ -41,6 +41,10 @@ class LinearSettings:
     # the 16384 (32 GPUs, no SyncBN: FINETUNE.md:139-150, main_linprobe.py:222); null: the
     # whole batch.
     bn_batch: int | None = 512
+    # The block whose tokens the probe reads (1-based); null: the last block, after the final
+    # norm (MAE's probe). SimMIM's published 56.7 reads block 8 of 12, average-pooled
+    # (microsoft/SimMIM issues #14, #36): layer: 8 with classification.feature: avg.
+    layer: int | None = None
 
 
 @dataclass
@@ -121,6 +125,11 @@ class ClassificationSettings(TaskSettings):
         if self.linear.optimizer not in ("lars", "sgd"):
             raise ConfigError(
                 f"{section}.linear.optimizer={self.linear.optimizer!r} must be lars or sgd"
+            )
+        if self.linear.layer is not None and self.linear.layer < 1:
+            raise ConfigError(
+                f"{section}.linear.layer={self.linear.layer} must be a block number from 1 "
+                "(null: the last block)"
             )
         if self.linear.bn_batch is not None and self.linear.bn_batch < 2:
             raise ConfigError(

@@ -260,16 +260,23 @@ class ViTBackbone(nn.Module):
             x = x + vit.pos_embed
         return vit.pos_drop(x)
 
-    def run_blocks(self, sequence: Tensor) -> Tensor:
-        """Transformer blocks and final norm over a (possibly shortened) token sequence."""
+    def run_blocks(self, sequence: Tensor, layer: int | None = None) -> Tensor:
+        """Transformer blocks and final norm over a (possibly shortened) token sequence;
+        ``layer``: stop after that block (1-based) — before the last one, without the final
+        norm, which belongs to the last block (SimMIM's probe of block 8)."""
         vit = self.vit
+        depth = len(vit.blocks)
+        if layer is not None and not 1 <= layer <= depth:
+            raise ConfigError(f"layer {layer} does not exist: the encoder has blocks 1..{depth}")
+        stop = depth if layer is None else layer
         if not isinstance(vit, Beit):
-            return vit.norm(vit.blocks(vit.norm_pre(sequence)))
-        shared = vit.rel_pos_bias() if vit.rel_pos_bias is not None else None
-        x = sequence
-        for block in vit.blocks:
-            x = block(x, shared_rel_pos_bias=shared)
-        return vit.norm(x)
+            x = vit.blocks[:stop](vit.norm_pre(sequence))
+        else:
+            shared = vit.rel_pos_bias() if vit.rel_pos_bias is not None else None
+            x = sequence
+            for block in vit.blocks[:stop]:
+                x = block(x, shared_rel_pos_bias=shared)
+        return vit.norm(x) if stop == depth else x
 
     def encode(self, tokens: Tensor) -> Tensor:
         """Encoder output for the ``N`` patch tokens (prefix tokens dropped)."""
@@ -280,9 +287,10 @@ class ViTBackbone(nn.Module):
         return self.encode(self.embed_patches(images))
 
     @torch.no_grad()
-    def pooled_features(self, images: Tensor) -> dict[str, Tensor]:
-        """Final-layer features for probes: the cls token (MAE's probe) and the patch average."""
-        sequence = self.run_blocks(self.add_position(self.embed_patches(images)))
+    def pooled_features(self, images: Tensor, layer: int | None = None) -> dict[str, Tensor]:
+        """Features for probes: the cls token (MAE's probe) and the patch average, of the last
+        block or of block ``layer`` (1-based)."""
+        sequence = self.run_blocks(self.add_position(self.embed_patches(images)), layer)
         features = {"avg": sequence[:, self.num_prefix_tokens :].mean(dim=1)}
         if self.vit.cls_token is not None:
             features["cls"] = sequence[:, 0]

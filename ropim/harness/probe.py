@@ -25,14 +25,16 @@ def extract_features(
     device: torch.device,
     batch_size: int = 256,
     desc: str = "features",
+    layer: int | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Pooled features (:meth:`ViTBackbone.pooled_features`) of every item, in order."""
     was_training = backbone.training
     backbone.eval()
     features: dict[str, list[torch.Tensor]] = {}
     labels = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for images, targets in tracked(loader, len(loader), desc):
-        for kind, values in backbone.pooled_features(images.to(device)).items():
+        for kind, values in backbone.pooled_features(images.to(device), layer).items():
             features.setdefault(kind, []).append(values.float().cpu())
         labels.append(torch.as_tensor(targets))
     backbone.train(was_training)

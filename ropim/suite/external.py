@@ -125,8 +125,12 @@ def import_weights(
     output_dir: str | Path = "runs",
     label: str | None = None,
     layout: str | None = None,
+    method: str | None = None,
 ) -> Path:
-    """A run directory holding ``spec``'s encoder, ready for ``evaluate_run``."""
+    """A run directory holding ``spec``'s encoder, ready for ``evaluate_run``: named after
+    ``label``; its rows carry ``method`` (default ``label``, else the source), whose published
+    fine-tune recipe the classification fine-tune then follows."""
+    method = method or label or spec
     data = dict(raw.get("data") or {})
     record: dict[str, Any] = {"weights_source": spec}
     kind = spec.partition(":")[0]
@@ -159,7 +163,7 @@ def import_weights(
     name = f"{label or stem}_{slug}"
     cfg_raw = {
         "run": {"name": name, "output_dir": str(Path(output_dir) / "external"), "seed": seed},
-        "method": {"name": label or spec},
+        "method": {"name": method},
         "model": model,
         "data": data,
     }
@@ -168,7 +172,7 @@ def import_weights(
     check_and_load(encoder.vit, weights, f"--weights {spec}", settings)
     shutil.rmtree(Path(cfg.run.output_dir) / cfg.run.name / "checkpoints", ignore_errors=True)
     record |= {
-        "method": {"name": label or spec},
+        "method": {"name": method},
         "dataset": {"name": "external", "root": None, "images": None},
         "budget": {},
     }

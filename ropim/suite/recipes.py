@@ -24,7 +24,7 @@ from ropim.harness.pretrain import resolve_pretraining
 from ropim.harness.registry import available_methods, method_class
 from ropim.harness.resolution import given_keys
 from ropim.suite.compare import plan_comparison
-from ropim.suite.report import read_references
+from ropim.suite.report import read_references, reference_settings
 
 CARD_COLUMNS = ["method", "protocol", "key", "value", "source"]
 
@@ -84,6 +84,15 @@ def _reference_rows(method: str) -> list[dict[str, Any]]:
                 "source": where,
             }
         )
+        if isinstance(ref.feature, str):  # a frozen-feature protocol: the settings that match
+            rows.append(
+                {
+                    "protocol": protocol,
+                    "key": "reference.settings",
+                    "value": reference_settings(ref.feature, ref.layer),
+                    "source": where,
+                }
+            )
     return rows
 
 

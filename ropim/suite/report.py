@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -40,6 +41,35 @@ def read_references() -> pd.DataFrame | None:
         return None
     with REFERENCES.open() as handle:
         return pd.read_csv(handle)
+
+
+def reference_settings(feature: str, layer: Any) -> str:
+    """The settings that probe as a reference row did."""
+    block = "null" if str(layer) in ("last", "nan", "") else str(int(float(layer)))
+    return f"classification.feature={feature} classification.linear.layer={block}"
+
+
+def _probe_of(feature: Any, layer: Any) -> tuple[str, str]:
+    block = "last" if str(layer) in ("last", "nan", "None", "") else str(int(float(layer)))
+    return str(feature), block
+
+
+def protocol_mismatches(references: pd.DataFrame, probe: dict[str, Any]) -> dict[int, str]:
+    """Reference rows (by index) measured under another frozen-feature protocol than this
+    comparison's probe, each with a sentence saying how they differ."""
+    ours = _probe_of(probe.get("feature", "cls"), probe.get("layer"))
+    found = {}
+    for index, ref in references.iterrows():
+        if ref["protocol"] != "linear" or not isinstance(ref.get("feature"), str):
+            continue
+        theirs = _probe_of(ref["feature"], ref["layer"])
+        if theirs != ours:
+            found[index] = (
+                f"{ref['method']} {ref['protocol']} {ref['value']}: measured on block "
+                f"{theirs[1]}'s {theirs[0]} features, this table's probe reads block {ours[1]}'s "
+                f"{ours[0]} ({reference_settings(*theirs)} matches it)"
+            )
+    return found
 
 
 BUDGET_COLUMNS = ["backbone", "dataset", "budget_epochs", "budget_seconds"]
@@ -104,7 +134,10 @@ def build_table(
     seeds: list[int],
     tasks: Sequence[TaskSpec],
     references: pd.DataFrame | None = None,
+    probe: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
+    """Mean ± sd per method and headline measure, cost, and the published values (marked †
+    where measured under another protocol than this comparison's probe)."""
     rows = headline_rows(results, comparison, tasks)
     found = set(rows["measure"]) if len(rows) else set()
     table = pd.DataFrame(index=pd.Index(methods, name="method"))
@@ -132,8 +165,13 @@ def build_table(
                 (references["task"] == task)
                 & (references["protocol"] == protocol)
                 & (references["metric"] == metric)
-            ].set_index("method")
-            table[title] = [f"{ref.loc[m, 'value']:.1f}" if m in ref.index else "" for m in methods]
+            ]
+            other = protocol_mismatches(ref, probe or {})
+            cells = {
+                r["method"]: f"{r['value']:.1f}" + ("†" if index in other else "")
+                for index, r in ref.iterrows()
+            }
+            table[title] = [cells.get(m, "") for m in methods]
     return table
 
 
@@ -168,12 +206,13 @@ def write_report(
     curves: pd.DataFrame | None = None,
     curve_metric: str = "knn_cls",
     mode: str = "identical_budget",
+    probe: dict[str, Any] | None = None,
 ) -> Path:
     """``table2_<scale>.md`` and ``.csv`` plus two figures; returns the markdown path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     references = read_references()
-    table = build_table(results, comparison, methods, seeds, tasks, references)
+    table = build_table(results, comparison, methods, seeds, tasks, references, probe)
     table.to_csv(out_dir / f"table2_{scale}.csv")
     rows = headline_rows(results, comparison, tasks)
     figures = _figures(rows, out_dir, scale) if len(rows) else []
@@ -207,6 +246,12 @@ def write_report(
             if r.task in measured_tasks
         ]
         lines.append("")
+        shown = references[references["task"].isin(measured_tasks)]
+        mismatches = protocol_mismatches(shown, probe or {})
+        if mismatches:
+            lines += ["† Measured under another protocol than this table's, so not comparable:", ""]
+            lines += [f"- {sentence}" for sentence in mismatches.values()]
+            lines.append("")
     if curves is not None and len(curves):
         metric = curve_metric if curve_metric in curves else _first_knn(curves)
         figures.append(_learning_curves(curves, out_dir, scale, metric))

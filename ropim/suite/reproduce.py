@@ -168,6 +168,10 @@ def make_report(
         curves,
         curve_metric=f"knn_{feature}",
         mode=section.get("mode", "identical_budget"),
+        probe={
+            "feature": feature,
+            "layer": ((raw.get("classification") or {}).get("linear") or {}).get("layer"),
+        },
     )
     print(f"report: {path}")
     return path
