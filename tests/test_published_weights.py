@@ -238,3 +238,24 @@ def test_published_checkpoints_run_every_task_and_table_the_differences(tmp_path
     assert set(rows["method"]) == {"mae", "simmim"}  # the method whose recipes apply
     again = len(rows)
     assert main(args) == 0 and len(read_results(tmp_path / "results.csv")) == again
+
+
+def test_the_probe_reads_any_block_and_the_report_marks_other_protocols():
+    from ropim.harness.errors import ConfigError
+    from ropim.suite.report import protocol_mismatches, read_references
+
+    encoder = _encoder("beit_base_patch16_224", BEIT).eval()
+    images = torch.randn(2, 3, 28, 28)
+    last = encoder.pooled_features(images)
+    assert torch.equal(encoder.pooled_features(images, layer=2)["avg"], last["avg"])
+    assert not torch.allclose(encoder.pooled_features(images, layer=1)["avg"], last["avg"])
+    with pytest.raises(ConfigError, match="layer 3 does not exist: the encoder has blocks 1..2"):
+        encoder.pooled_features(images, layer=3)
+
+    references = read_references()
+    linear = references[references["protocol"] == "linear"]
+    marked = protocol_mismatches(linear, {"feature": "cls", "layer": None})
+    assert [references.loc[i, "method"] for i in marked] == ["simmim"]
+    assert not protocol_mismatches(
+        linear[linear["method"] == "simmim"], {"feature": "avg", "layer": 8}
+    )
