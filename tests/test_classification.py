@@ -246,9 +246,9 @@ def test_augmented_probe_trains_through_the_frozen_encoder(monkeypatch):
     seen: list[torch.Tensor] = []
     pooled = backbone.pooled_features
 
-    def spy(images):
+    def spy(images, layer=None):
         seen.append(images.clone())
-        return pooled(images)
+        return pooled(images, layer)
 
     backbone.pooled_features = spy
     monkeypatch.setattr(linear_probe, "FEATURE_CHUNK", 8)  # a batch of 32 in 4 encoder passes
