@@ -7,12 +7,14 @@ TASK = TaskSpec(
     order=1,
     settings="downstream.classification.settings:ClassificationSettings",
     run="downstream.classification.evaluate:run_classification",
-    protocols=("knn", "linear", "finetune"),
+    protocols=("knn", "linear", "finetune", "lowshot"),
     headlines=(
         Column("knn", "top1", "knn top-1 (%)"),
         Column("linear", "top1", "linear top-1 (%)"),
         Column("finetune", "top1", "finetune top-1 (%)"),
         Column("finetune", "top1_best", "finetune best-epoch top-1 (%)"),
+        Column("lowshot", "top1_1pct", "1% labels fine-tune top-1 (%)"),
+        Column("lowshot", "top1_10pct", "10% labels fine-tune top-1 (%)"),
     ),
     published=(
         Column("finetune", "top1_best", "published finetune (ViT-B/16, IN-1k)"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from downstream.classification.linear_probe import (
     augmented_linear_probe_accuracy,
     linear_probe_accuracy,
 )
+from downstream.classification.lowshot import fraction_tag, labelled_subset
 from downstream.classification.settings import ClassificationSettings, settings_for_method
 from downstream.encoder import finetune_fingerprint, load_pretrained_encoder
 from ropim.harness.config import Config
@@ -133,6 +134,30 @@ def run_classification(
         add("finetune", "top1_best", result["top1_best"])  # the best epoch, as papers report
         add("finetune", "seconds", time.perf_counter() - start)
         details["finetune"] = result
+    if "lowshot" in settings.protocols:
+        low = settings.lowshot
+        details["lowshot"] = {}
+        for fraction, epochs in zip(low.fractions, low.epochs, strict=True):
+            start = time.perf_counter()
+            tag = fraction_tag(fraction)
+            chosen = labelled_subset(train_images, fraction, seed, low.subsets.get(fraction))
+            batch = min(low.batch_size or settings.finetune.batch_size, len(chosen))
+            # the recipe's warmup, at most a tenth of the (short) schedule
+            warmup = min(settings.finetune.warmup_epochs, 0.1 * epochs)
+            recipe = replace(
+                settings.finetune, epochs=epochs, batch_size=batch, warmup_epochs=warmup
+            )
+            fresh, _ = load_pretrained_encoder(
+                run_dir, drop_path=recipe.drop_path, per_layer_bias=True
+            )
+            fingerprint = finetune_fingerprint(run_dir, recipe) | {"labelled": len(chosen)}
+            result = finetune_accuracy(
+                fresh, cfg, recipe, num_classes, seed, run_dir / f"classification_lowshot_{tag}",
+                fingerprint, after_step, train_indices=chosen, every_epoch=False,
+            )  # fmt: skip
+            add("lowshot", f"top1_{tag}", result["top1"])  # after the last step: no val peeking
+            add("lowshot", f"seconds_{tag}", time.perf_counter() - start)
+            details["lowshot"][tag] = result | {"labelled_images": len(chosen)}
     return TaskOutcome(measurements, details)
 
 

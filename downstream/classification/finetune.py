@@ -124,6 +124,8 @@ def finetune_accuracy(
     out_dir: Path,
     fingerprint: dict[str, Any],
     after_step: Sequence[Callable[[int], None]] = (),
+    train_indices: Sequence[int] | None = None,
+    every_epoch: bool = True,
 ) -> dict[str, float]:
     """Fine-tune ``backbone`` (changed in place) on the train split through the one loop
     (checkpoints and resume under ``out_dir``); top-1 on the val split.
@@ -134,7 +136,10 @@ def finetune_accuracy(
     torch.manual_seed(derive_seed(seed, "classifier-head"))
     model = backbone.vit
     published_head(model, num_classes)
-    train_set = SeededViews(load_images(cfg.data, "train"), finetune_transform(cfg, ft), seed)
+    images = load_images(cfg.data, "train")
+    if train_indices is not None:  # the low-shot protocol's labelled subset
+        images = Subset(images, list(train_indices))
+    train_set = SeededViews(images, finetune_transform(cfg, ft), seed)
     val_set = SeededViews(
         load_images(cfg.data, "val"),
         eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans),
@@ -214,8 +219,11 @@ def finetune_accuracy(
         seen = fabric.all_reduce(seen, reduce_op="sum")
         return {"epoch": round(step / per_epoch, 4), "top1": float(correct / seen)}
 
-    hooks = Hooks(
-        loss=step_loss, evaluate=evaluate, evaluate_every=per_epoch, after_step=after_step
+    hooks = Hooks(  # every_epoch=False: once, after the last step (low-shot)
+        loss=step_loss,
+        evaluate=evaluate,
+        evaluate_every=per_epoch if every_epoch else 0,
+        after_step=after_step,
     )
     trained = train_loop(
         fabric,

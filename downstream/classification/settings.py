@@ -12,7 +12,7 @@ from ropim.harness.errors import ConfigError
 from ropim.harness.resolution import CONFIG, Resolution, fill_section
 from ropim.harness.tasks import TaskSettings, TrainingSettings, default_source_of
 
-PROTOCOLS = ("knn", "linear", "finetune")
+PROTOCOLS = ("knn", "linear", "finetune", "lowshot")
 
 
 @dataclass
@@ -80,12 +80,27 @@ class FinetuneSettings(TrainingSettings):
 
 
 @dataclass
+class LowShotSettings:
+    """Fine-tuning with a fraction of the labels (downstream/classification/lowshot.py); every
+    other setting is the ``finetune`` protocol's (the method's published recipe)."""
+
+    # Chen et al., SimCLR (ICML 2020) App. B.5: 1% and 10% of the ImageNet labels, fine-tuned
+    # for 60 and 30 epochs (BYOL and MSN report the same two fractions)
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
+    epochs: list[float] = field(default_factory=lambda: [60, 30])  # one per fraction
+    batch_size: int | None = None  # None: finetune.batch_size (capped at the subset's size)
+    # ImageNet's fixed lists, e.g. {0.01: .../1percent.txt}; unset: seeded stratified draws
+    subsets: dict[float, str] = field(default_factory=dict)
+
+
+@dataclass
 class ClassificationSettings(TaskSettings):
     protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     feature: str = "cls"  # frozen feature for k-NN and the linear probe: cls or avg
     knn: KnnSettings = field(default_factory=KnnSettings)
     linear: LinearSettings = field(default_factory=LinearSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    lowshot: LowShotSettings = field(default_factory=LowShotSettings)
     # Keys the config set per protocol (they win over a method's published recipe); set by
     # classification_settings, not a config key.
     explicit: ClassVar[dict[str, set[str]]] = {}
@@ -142,6 +157,12 @@ class ClassificationSettings(TaskSettings):
                 f"{section}.linear.crop_scale={scale} must be [low, high] with 0 < low <= high <= 1"
             )
         self.finetune.check(f"{section}.finetune")
+        low = self.lowshot
+        if len(low.epochs) != len(low.fractions) or not all(0 < f <= 1 for f in low.fractions):
+            raise ConfigError(
+                f"{section}.lowshot: fractions {low.fractions} must lie in (0, 1] with one "
+                f"entry of epochs {low.epochs} each"
+            )
 
 
 # Where the adapter's own defaults come from (used where a method publishes no value).

@@ -7,8 +7,11 @@ TASK = TaskSpec(
     order=2,
     settings="downstream.segmentation.settings:SegmentationSettings",
     run="downstream.segmentation.finetune:run_segmentation",
-    protocols=("upernet",),
-    headlines=(Column("upernet", "mIoU", "UperNet mIoU (%)"),),
+    protocols=("upernet", "linear"),
+    headlines=(
+        Column("upernet", "mIoU", "UperNet mIoU (%)"),
+        Column("linear", "mIoU", "linear-probe mIoU (%)"),
+    ),
     published=(Column("upernet", "mIoU", "published mIoU (ADE20K)"),),
     floors=(Floor("upernet", "majority_mIoU", "Predicting the most frequent class everywhere"),),
 )

@@ -35,6 +35,7 @@ from downstream.scenes import (
 )
 from downstream.segmentation.dataset import ADE20KSegmentation, dataset_folder
 from downstream.segmentation.inference import predict_labels
+from downstream.segmentation.linear_probe import linear_segmentation
 from downstream.segmentation.metrics import confusion_matrix, segmentation_scores
 from downstream.segmentation.model import UperNetSegmenter, segmentation_loss
 from downstream.segmentation.settings import SegmentationSettings
@@ -120,12 +121,25 @@ def run_segmentation(
     settings: SegmentationSettings,
     after_step: Sequence[Callable[[int], None]] = (),
 ) -> TaskOutcome:
-    """UperNet fine-tune and mIoU: the rows of the ``upernet`` protocol."""
-    start = time.perf_counter()
-    scores = finetune_segmentation(run_dir, settings, after_step)
-    measurements = [("upernet", m, scores[m]) for m in ("mIoU", "mAcc", "aAcc", "majority_mIoU")]
-    measurements.append(("upernet", "seconds", time.perf_counter() - start))
-    return TaskOutcome(measurements, {"scores": scores, "settings": asdict(settings)})
+    """The configured protocols: the UperNet fine-tune (``upernet``) and the frozen linear
+    probe (``linear``), each with mIoU, mAcc, aAcc and its seconds."""
+    measurements: list[tuple[str, str, float]] = []
+    details: dict[str, Any] = {"settings": asdict(settings)}
+    if "upernet" in settings.protocols:
+        start = time.perf_counter()
+        scores = finetune_segmentation(run_dir, settings, after_step)
+        metrics = ("mIoU", "mAcc", "aAcc", "majority_mIoU")
+        measurements += [("upernet", m, scores[m]) for m in metrics]
+        measurements.append(("upernet", "seconds", time.perf_counter() - start))
+        details["scores"] = scores
+    if "linear" in settings.protocols:
+        start = time.perf_counter()
+        folder, num_classes, _ = resolve_data(settings, Path(run_dir))
+        scores = linear_segmentation(Path(run_dir), settings, folder, num_classes)
+        measurements += [("linear", m, scores[m]) for m in ("mIoU", "mAcc", "aAcc")]
+        measurements.append(("linear", "seconds", time.perf_counter() - start))
+        details["linear"] = scores
+    return TaskOutcome(measurements, details)
 
 
 def finetune_segmentation(

@@ -14,6 +14,21 @@ from ropim.harness.tasks import TrainingSettings
 MMSEG = "mmsegmentation 0.x configs/mae/upernet_mae-base_fp16_8x2_512x512_160k_ade20k.py"
 
 
+PROTOCOLS = ("upernet", "linear")
+DINOV2 = "DINOv2 (Oquab et al., 2023) §7.4, linear ADE20K protocol"
+
+
+@dataclass
+class LinearSegmentationSettings:
+    """The frozen dense probe (downstream/segmentation/linear_probe.py)."""
+
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3  # AdamW, cosine after a warmup
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+
+
 @dataclass
 class SegmentationSettings(TrainingSettings):
     DEFAULT_SOURCE: ClassVar[str] = f"suite default: {MMSEG}"
@@ -37,7 +52,12 @@ class SegmentationSettings(TrainingSettings):
         "inference": f"{MMSEG}:24 (slide)",
         "slide_stride": f"{MMSEG}:24 (stride 341)",
         "crop_size": f"{MMSEG} (ade20k_512x512 pipeline)",
+        "linear": f"{DINOV2} (BN + 1x1 conv on frozen last-block patch tokens); the "
+        "schedule and epochs are the suite's (features cached once, no augmentation)",
     }
+    # upernet: mmsegmentation's fine-tune; linear: DINOv2's frozen linear probe
+    protocols: list[str] = field(default_factory=lambda: ["upernet"])
+    linear: LinearSegmentationSettings = field(default_factory=LinearSegmentationSettings)
 
     dataset: str = "ade20k"  # or "digit_scenes" (generated from the bundled digits)
     root: str | None = None  # ade20k: the folder holding ADEChallengeData2016/
@@ -83,6 +103,16 @@ class SegmentationSettings(TrainingSettings):
             raise ConfigError(
                 f"{section}.root is required for {section}.dataset=ade20k: the folder holding "
                 "ADEChallengeData2016/ (make: ADE20K_DIR=...), or use dataset=digit_scenes"
+            )
+        unknown = sorted(set(self.protocols) - set(PROTOCOLS))
+        if unknown or not self.protocols:
+            raise ConfigError(
+                f"{section}.protocols={self.protocols!r}: choose one or more of {PROTOCOLS}"
+            )
+        if self.linear.epochs <= 0 or self.linear.batch_size < 2:
+            raise ConfigError(
+                f"{section}.linear needs epochs > 0 and batch_size >= 2 (BatchNorm), got "
+                f"{self.linear.epochs} and {self.linear.batch_size}"
             )
         if self.inference not in ("slide", "whole"):
             raise ConfigError(f"{section}.inference={self.inference!r} must be slide or whole")
