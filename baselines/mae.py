@@ -52,6 +52,7 @@ def normalise_patches(target: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor
 
 class MAE(MaskingMethod):
     name = "mae"
+    test_settings = {"decoder_depth": 1, "decoder_dim": 32, "decoder_heads": 2}
     recipe = Recipe(
         base_lr=1.5e-4,
         lr_batch_divisor=256,

@@ -42,6 +42,7 @@ FINETUNE_YAML = "configs/vit_base__800ep/simmim_finetune__vit_base__img224__800e
 
 class SimMIM(MaskingMethod):
     name = "simmim"
+    test_settings = {"mask_patch_size": 14}  # whole blocks of 2x2 tokens on the 28-px test grid
     recipe = Recipe(
         base_lr=1e-4,
         lr_batch_divisor=512,

@@ -56,7 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--reports", default="reports")
     rp.add_argument("overrides", nargs="*")
     ev = sub.add_parser("evaluate", help="downstream tasks on pre-trained runs")
-    ev.add_argument("runs", nargs="*", help="pre-training run directories")
+    ev.add_argument(
+        "runs",
+        nargs="*",
+        help="pre-training run directories, and key=value overrides as every command takes",
+    )
     ev.add_argument(
         "--weights",
         action="append",
@@ -136,7 +140,11 @@ def _parser() -> argparse.ArgumentParser:
     cd.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     cd.add_argument("overrides", nargs="*")
     sub.add_parser("tasks", help="list the downstream tasks, their protocols and metrics")
-    sub.add_parser("configs", help="list the bundled presets (--config NAME finds them)")
+    cfgs = sub.add_parser(
+        "configs", help="list the bundled presets (--config NAME finds them), or print one"
+    )
+    cfgs.add_argument("name", nargs="?", help="a preset or file: print it resolved (base merged)")
+    cfgs.add_argument("overrides", nargs="*", help="key=value applied before printing")
     recipes = sub.add_parser(
         "recipes", help="every method's settings per protocol, each with its source"
     )
@@ -185,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "check-data":
             return _check_data(args)
+        if args.command == "configs" and args.name:  # the resolved config, as runs read it
+            import yaml
+
+            from ropim.harness.config import apply_overrides, read_yaml
+
+            raw = apply_overrides(read_yaml(args.name), args.overrides)
+            print(yaml.safe_dump(raw, sort_keys=False, default_flow_style=None), end="")
+            return 0
         if args.command == "configs":
             from ropim.harness.config import bundled_presets
 
@@ -340,8 +356,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ropim.harness.config import apply_overrides, read_yaml
     from ropim.suite.evaluate import evaluate_run
 
+    overrides = [*(a for a in args.runs if "=" in a), *args.overrides]  # --set: an alias
+    args.runs = [a for a in args.runs if "=" not in a]
     raw = read_yaml(args.config) if args.config else {}
-    raw = apply_overrides(raw or {}, args.overrides)
+    raw = apply_overrides(raw or {}, overrides)
     if not args.runs and not args.weights:
         raise ConfigError(
             "name run directories, or --weights FILE|local-dir:PATH|timm:NAME|hf-hub:ORG/NAME"

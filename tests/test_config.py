@@ -70,3 +70,23 @@ def test_unknown_crop_interpolation_is_refused_by_name():
         ConfigError, match="data.interpolation='lanczos' must be bilinear or bicubic"
     ):
         load_config(TINY_CONFIG, ["data.interpolation=lanczos"])
+
+
+def test_a_preset_inherits_its_base_and_configs_prints_the_result(tmp_path, capsys):
+    import yaml
+
+    from ropim.cli import main
+    from ropim.harness.config import read_yaml
+
+    (tmp_path / "child.yaml").write_text(
+        "base: table2_tiny\ncompare: {seeds: [5]}\ntrain: {epochs: 3}\n"
+    )
+    raw = read_yaml(tmp_path / "child.yaml")
+    assert raw["compare"]["seeds"] == [5] and raw["compare"]["name"] == "table2_tiny"
+    assert raw["train"]["epochs"] == 3 and raw["train"]["batch_size"] == 32  # merged, not replaced
+    assert main(["configs", str(tmp_path / "child.yaml"), "train.epochs=4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["epochs"] == 4 and "base" not in printed
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="base presets form a cycle"):
+        read_yaml(tmp_path / "loop.yaml")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import yaml
 
 from downstream.encoder import load_pretrained_encoder
@@ -94,6 +95,7 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
     assert "table2_tiny/<method>_seed<s>/run.json` (`recipe`, `optim`)" in text
     figures = ["table2_tiny_accuracy_vs_time.png", "table2_tiny_bars.png"]
     figures += ["table2_tiny_learning_curves.png", "table2_tiny_paired.csv"]
+    figures += ["table2_tiny_forest.png"]
     for name in ("table2_tiny.csv", *figures):
         assert (reports / name).stat().st_size > 0
     table = pd.read_csv(reports / "table2_tiny.csv", index_col="method")
@@ -105,6 +107,14 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
     assert "(n=2)" in table.loc["simmim", "Mask R-CNN AP mask (%)"]
     assert table.loc["mae", "published AP box (COCO)"] == 51.6
     assert "floor the segmentation column must beat" in text
+    # Numbers beside the display strings; two seeds give no verdict.
+    assert table.loc["ropim", "knn top-1 (%) n"] == 2
+    assert table.loc["ropim", "knn top-1 (%) mean"] == pytest.approx(
+        100 * top1[(top1["method"] == "ropim") & (top1["protocol"] == "knn")]["value"].mean()
+    )
+    paired = pd.read_csv(reports / "table2_tiny_paired.csv")
+    assert {"mean", "low", "high", "n", "verdict", "display"} <= set(paired.columns)
+    assert not paired["verdict"].isin(["better", "worse"]).any()  # n=2 is not enough
     # A second run trains and evaluates nothing again: the rows stay as they are.
     reproduce(TINY, [f"run.output_dir={tmp_path}/runs"], results, reports)
     assert len(read_results(results)) == len(rows)

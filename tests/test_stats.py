@@ -141,3 +141,18 @@ def test_equal_time_view_takes_each_runs_last_point_within_the_shortest_run():
         ("random_init", 0): (30.0, 0),  # step 0: the encoder before training
         ("random_init", 1): (31.0, 0),
     }
+
+
+def test_a_verdict_needs_three_seeds_and_a_degenerate_interval_gets_none():
+    """Two seeds whose differences are equal gave "+1.2 [+1.2, +1.2] better" (tiny preset)."""
+    equal = paired_difference(_rows({"ropim": [70.0, 71.0], "mae": [71.2, 72.2]}), "mae", "ropim",
+                              "knn top-1 (%)")  # fmt: skip
+    assert equal.degenerate and "degenerate" in equal.verdict and not equal.supported
+    assert equal.cell() == "+1.2 [degenerate] no verdict"
+    two = paired_difference(_rows({"ropim": [70.0, 71.0], "mae": [75.0, 77.0]}), "mae", "ropim",
+                            "knn top-1 (%)")  # fmt: skip
+    assert two.low > 0 and two.verdict == "no verdict (n=2; needs 3 seeds)"
+    three = _rows({"ropim": [70.0, 71.0, 72.0], "mae": [71.0, 72.0, 73.0]})
+    diff = paired_difference(three, "mae", "ropim", "knn top-1 (%)")
+    assert diff.degenerate and "Degenerate intervals" in "\n".join(summary_sentences([diff]))
+    assert diff.numbers()["n"] == 3 and diff.numbers()["mean"] == pytest.approx(1.0)

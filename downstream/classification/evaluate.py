@@ -4,6 +4,7 @@ fine-tune); returns the measurements, the suite writes them."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
@@ -157,7 +158,11 @@ def run_classification(
             )  # fmt: skip
             add("lowshot", f"top1_{tag}", result["top1"])  # after the last step: no val peeking
             add("lowshot", f"seconds_{tag}", time.perf_counter() - start)
-            details["lowshot"][tag] = result | {"labelled_images": len(chosen)}
+            digest = hashlib.sha256(",".join(map(str, chosen)).encode()).hexdigest()
+            details["lowshot"][tag] = result | {
+                "labelled_images": len(chosen),
+                "labelled_sha256": digest,  # equal for every method at this seed
+            }
     return TaskOutcome(measurements, details)
 
 

@@ -169,7 +169,20 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key} must be a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported setting type {annotation!r}")
+    raise UnsupportedType(f"{key}: unsupported setting type {annotation!r}")
+
+
+class UnsupportedType(ConfigError):
+    """An annotation the config types do not cover (a tuple, a custom class)."""
+
+
+def coerce_setting(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` checked against ``annotation`` (a method's constructor argument): the config's
+    types are checked and converted as in every section; other annotations pass unchecked."""
+    try:
+        return _coerce(value, annotation, key)
+    except UnsupportedType:
+        return value
 
 
 def build_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
@@ -250,10 +263,37 @@ def find_config(path: str | Path) -> Path:
     )
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, section by section (mappings merge, anything else
+    replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML mapping from ``path`` (or the bundled preset of that name); a missing file or a
-    syntax error is one line naming the file and the line."""
+    syntax error is one line naming the file and the line. ``base: OTHER`` (a file beside this
+    one, or a bundled preset name) inherits OTHER, merged section by section under this file."""
     path = find_config(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: base presets form a cycle ({' -> '.join(map(str, _seen))})")
+    raw = _read_mapping(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must name one preset file, got {base!r}")
+    beside = path.parent / base
+    parent = read_yaml(beside if beside.is_file() else base, (*_seen, path.resolve()))
+    return merged(parent, raw)
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -91,6 +91,9 @@ class MaskingMethod(nn.Module, ABC):
     # Choices the method's code makes that no setting changes, for the recipe card:
     # name -> (what it does, where the official code does it).
     fixed_choices: ClassVar[Mapping[str, tuple[str, str]]] = {}
+    # Settings that fit the suite's test backbone (28-px images, 7-px patches, 2 blocks, width
+    # 32): the generic per-method tests build every registered method with them.
+    test_settings: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, backbone: ViTBackbone) -> None:
         super().__init__()

@@ -335,7 +335,15 @@ def pretrain(
         )
     if rank0:
         if cfg.train.reconstruction_images:
-            _write_reconstructions(cfg, method, fabric.device, run_dir)
+            try:  # a figure: a method whose prediction is not pixels may not draw one
+                _write_reconstructions(cfg, method, fabric.device, run_dir)
+            except Exception as exc:  # noqa: BLE001 - never fail a finished run on its figure
+                note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                record["reconstructions"] = f"skipped ({note})"
+                fabric.print(
+                    f"note: reconstructions.png skipped: {method.name}'s reconstruct hook could "
+                    f"not draw its prediction ({note}); override reconstruct() (docs/methods.md)"
+                )
         if cfg.probe.enabled:
             record["probe"] = _run_probe(cfg, method, fabric)
         record["wall_time_s"] = time.perf_counter() - started

@@ -9,16 +9,19 @@ variable (``os.pathsep``-separated), so a user can try a method without touching
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import os
 import sys
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from ropim.harness.backbone import ViTBackbone
+from ropim.harness.config import coerce_setting
 from ropim.harness.errors import ConfigError
 from ropim.harness.methods import MaskingMethod
 
@@ -60,10 +63,39 @@ def _defines(module: ModuleType, name: str) -> list[type[MaskingMethod]]:
     ]
 
 
+ENTRY_POINT_GROUP = "ropim.methods"  # other installed packages declare methods here
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _entry_point_class(name: str) -> type[MaskingMethod] | None:
+    """The class another installed package declares as ``name`` under ``ropim.methods``."""
+    point = _entry_points().get(name)
+    if point is None:
+        return None
+    try:
+        cls = point.load()
+    except Exception as exc:  # another package's code: name it instead of a traceback
+        raise ConfigError(
+            f"cannot load method {name!r} from entry point {point.value} ({ENTRY_POINT_GROUP}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    if not (inspect.isclass(cls) and issubclass(cls, MaskingMethod) and cls.name == name):
+        raise ConfigError(
+            f"entry point {name} = {point.value} ({ENTRY_POINT_GROUP}) must name a "
+            f"MaskingMethod subclass with name = {name!r}"
+        )
+    return cls
+
+
 def available_methods(method_dirs: Iterable[str | Path] = ()) -> list[str]:
-    """Modules that define a method of their own name (helpers such as the sketch do not)."""
+    """Modules that define a method of their own name (helpers such as the sketch do not), and
+    methods other installed packages declare under the ``ropim.methods`` entry point."""
     names = _candidates(method_dirs)
-    return sorted(n for n in names if _defines(_import_method_module(n, method_dirs), n))
+    found = {n for n in names if _defines(_import_method_module(n, method_dirs), n)}
+    return sorted(found | set(_entry_points()))
 
 
 def _import_method_module(name: str, method_dirs: Iterable[str | Path]) -> ModuleType:
@@ -99,6 +131,10 @@ def _import_method_module(name: str, method_dirs: Iterable[str | Path]) -> Modul
 
 
 def method_class(name: str, method_dirs: Iterable[str | Path] = ()) -> type[MaskingMethod]:
+    if name not in _candidates(method_dirs) and isinstance(name, str) and name.isidentifier():
+        declared = _entry_point_class(name)
+        if declared is not None:
+            return declared
     module = _import_method_module(name, method_dirs)
     found = _defines(module, name)
     if len(found) != 1:
@@ -127,6 +163,13 @@ def build_method(
         message = f"bad settings for method {name!r}: {exc}. Allowed keys: {keys}"
         raise ConfigError(message) from None
     bound.apply_defaults()
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except (NameError, TypeError):  # an annotation that does not resolve: values pass unchecked
+        hints = {}
+    for key, value in settings.items():  # each setting against its annotation, named
+        if key in hints:
+            settings[key] = coerce_setting(value, hints[key], f"method.{key}")
     try:
         method = cls(backbone, **settings)
     except (ValueError, TypeError) as exc:  # a value of the wrong kind or range

@@ -19,6 +19,7 @@ class ROPIM(MaskingMethod):
     """Encoder input ``ΠΦ``; linear decoder; ``mean |Π⊥(x − x̂)|`` with the same ``Π``."""
 
     name = "ropim"
+    test_settings = {"ratio": 0.25}
     recipe = Recipe(
         base_lr=1.5e-4,
         lr_batch_divisor=512,

@@ -175,6 +175,26 @@ def build_table(
     return table
 
 
+def with_numbers(table: pd.DataFrame, rows: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
+    """The table plus numeric ``<measure> mean``/``sd``/``n`` columns beside each display
+    string, for readers that compute (the markdown keeps the strings alone)."""
+    out = table.copy()
+    if rows.empty:
+        return out
+    stats = rows.groupby(["measure", "method"])["value"].agg(["mean", "std", "count"])
+    for measure in dict.fromkeys(rows["measure"]):
+        if measure not in out.columns:
+            continue
+        place = list(out.columns).index(measure) + 1
+        for offset, (name, column) in enumerate((("mean", "mean"), ("sd", "std"), ("n", "count"))):
+            values = [
+                stats.loc[(measure, m), column] if (measure, m) in stats.index else None
+                for m in methods
+            ]
+            out.insert(place + offset, f"{measure} {name}", values)
+    return out
+
+
 def _measured_tasks(rows: pd.DataFrame, tasks: Sequence[TaskSpec]) -> set[str]:
     """Tasks with rows; with none yet, the tasks that always run."""
     if len(rows):
@@ -213,8 +233,8 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     references = read_references()
     table = build_table(results, comparison, methods, seeds, tasks, references, probe)
-    table.to_csv(out_dir / f"table2_{scale}.csv")
     rows = headline_rows(results, comparison, tasks)
+    with_numbers(table, rows, methods).to_csv(out_dir / f"table2_{scale}.csv")
     figures = _figures(rows, out_dir, scale) if len(rows) else []
     title = "under one budget" if mode == "identical_budget" else "each at its published recipe"
     lines = [f"# Table 2 ({scale}): {', '.join(methods)} {title}", ""]
@@ -279,8 +299,13 @@ def _paired_section(
     table, differences = paired_table(rows, methods, references, measures)
     if not differences:
         return []
-    table.to_csv(out_dir / f"table2_{scale}_paired.csv")
+    pd.DataFrame([d.numbers() for d in differences]).to_csv(
+        out_dir / f"table2_{scale}_paired.csv", index=False
+    )
+    forest = _forest_plot(differences, out_dir, scale)
     return [
+        f"![paired differences]({forest})",
+        "",
         f"Paired per-seed differences (points; mean [95% CI, Student t over the seeds both "
         f"have]) against {', '.join(references)}; a verdict needs the interval to exclude 0:",
         "",
@@ -289,6 +314,38 @@ def _paired_section(
         *summary_sentences(differences),
         "",
     ]
+
+
+def _forest_plot(differences: list, out_dir: Path, scale: str) -> str:
+    """Each paired difference with its 95% interval, one panel per measure, a line at zero:
+    the report's claims at a glance (an interval crossing zero supports no difference)."""
+    frame = pd.DataFrame([d.numbers() for d in differences])
+    measures = list(dict.fromkeys(frame["measure"]))
+    pairs = list(dict.fromkeys(frame["difference"]))
+    figure, axes = plt.subplots(
+        1, len(measures), figsize=(3.6 * len(measures), 0.45 * len(pairs) + 1.4), sharey=True,
+        squeeze=False,
+    )  # fmt: skip
+    for ax, measure in zip(axes[0], measures, strict=True):
+        part = frame[frame["measure"] == measure].set_index("difference").reindex(pairs)
+        y = list(range(len(pairs)))
+        for row, (_, d) in zip(y, part.iterrows(), strict=True):
+            if pd.isna(d["mean"]):
+                continue
+            color = {"better": "tab:green", "worse": "tab:red"}.get(d["verdict"], "tab:gray")
+            if pd.notna(d["low"]) and d["high"] > d["low"]:
+                ax.plot([d["low"], d["high"]], [row, row], color=color, linewidth=2)
+            ax.plot(d["mean"], row, "o", color=color)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(y, pairs)
+        ax.invert_yaxis()
+        ax.set_title(measure, fontsize=9)
+        ax.set_xlabel("difference (points), 95% CI")
+    figure.tight_layout()
+    name = f"table2_{scale}_forest.png"
+    figure.savefig(out_dir / name, dpi=110)
+    plt.close(figure)
+    return name
 
 
 def _first_knn(curves: pd.DataFrame) -> str:
@@ -360,22 +417,26 @@ def _learning_curves(curves: pd.DataFrame, out_dir: Path, scale: str, metric: st
             curves.assign(axis="pre-training epochs", x=curves["epoch"]),
             curves.assign(axis="pre-training seconds", x=curves["train_seconds"]),
         ]
-    ).assign(value=lambda f: f[metric] * 100)
+    ).assign(value=lambda f: f[metric] * 100, seed=lambda f: "seed " + f["seed"].astype(str))
     grid = sns.relplot(
         data=long,
         x="x",
         y="value",
         hue="method",
-        units="seed",
+        style="seed",  # each seed its own dash and marker
         estimator=None,
         col="axis",
         kind="line",
-        marker="o",
+        markers=True,
         height=3.2,
         facet_kws={"sharex": False},
     )
-    grid.set_titles("{col_name}")
-    grid.set_axis_labels("", f"k-NN top-1 (%, {metric.removeprefix('knn_')} features)")
+    floor = curves[curves["step"] == 0][metric].mean() * 100  # the encoder before training
+    for axis_name, ax in grid.axes_dict.items():
+        ax.axhline(floor, color="black", linestyle=":", linewidth=1)
+        ax.set_xlabel(axis_name)
+    grid.set_titles("k-NN during pre-training (dotted: step 0, the random-init floor)", size=8)
+    grid.set_ylabels(f"k-NN top-1 (%, {metric.removeprefix('knn_')} features)")
     name = f"table2_{scale}_learning_curves.png"
     grid.savefig(out_dir / name, dpi=110)
     plt.close(grid.figure)
@@ -390,7 +451,7 @@ def _figures(rows: pd.DataFrame, out_dir: Path, scale: str) -> list[str]:
         y="value",
         hue="method",
         col="measure",
-        col_wrap=3,
+        col_wrap=min(3, rows["measure"].nunique()),  # no empty panels
         kind="scatter",
         height=3.2,
         s=60,

@@ -173,6 +173,8 @@ def make_report(
             "layer": ((raw.get("classification") or {}).get("linear") or {}).get("layer"),
         },
     )
+    text = [line for line in path.read_text().splitlines() if not line.startswith("![")]
+    print("\n".join(text))  # the table and what it supports, where the run ends
     print(f"report: {path}")
     return path
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import pandas as pd
 from scipy import stats
 
+MIN_SEEDS = 3  # a verdict needs at least this many paired seeds
+
 
 @dataclass(frozen=True)
 class PairedDifference:
@@ -26,19 +28,48 @@ class PairedDifference:
     high: float
 
     @property
+    def degenerate(self) -> bool:
+        """Every per-seed difference equal: a zero-width interval that says nothing about the
+        spread (two seeds can agree by chance, or the measure cannot vary)."""
+        return self.seeds >= 2 and self.high - self.low < 1e-12
+
+    @property
     def verdict(self) -> str:
         if self.seeds < 2:
             return "n/a (1 seed)"
+        if self.degenerate:
+            return "no verdict (degenerate interval: equal differences)"
+        if self.seeds < MIN_SEEDS:
+            return f"no verdict (n={self.seeds}; needs {MIN_SEEDS} seeds)"
         if self.low > 0:
             return "better"
         if self.high < 0:
             return "worse"
         return "no difference at 95%"
 
+    @property
+    def supported(self) -> bool:
+        return self.verdict in ("better", "worse")
+
     def cell(self) -> str:
         if self.seeds < 2:
             return f"{self.mean:+.1f} (n=1)"
+        if self.degenerate:
+            return f"{self.mean:+.1f} [degenerate] no verdict"
         return f"{self.mean:+.1f} [{self.low:+.1f}, {self.high:+.1f}] {self.verdict}"
+
+    def numbers(self) -> dict[str, object]:
+        """The same as numbers, for CSVs: mean, low, high, n, verdict."""
+        return {
+            "difference": f"{self.method} − {self.reference}",
+            "measure": self.measure,
+            "mean": self.mean,
+            "low": self.low,
+            "high": self.high,
+            "n": self.seeds,
+            "verdict": self.verdict,
+            "display": self.cell(),
+        }
 
 
 def paired_difference(
@@ -92,7 +123,7 @@ def summary_sentences(differences: list[PairedDifference]) -> list[str]:
     """What the table supports, and only that."""
     if not differences:
         return []
-    claims = [d for d in differences if d.verdict in ("better", "worse")]
+    claims = [d for d in differences if d.supported]
     seeds = sorted({d.seeds for d in differences})
     lines = []
     if claims:
@@ -104,6 +135,12 @@ def summary_sentences(differences: list[PairedDifference]) -> list[str]:
         ]
     else:
         lines.append("- No difference between methods is supported at 95% confidence.")
+    degenerate = [d for d in differences if d.degenerate]
+    if degenerate:
+        named = ", ".join(f"{d.method} − {d.reference} on {d.measure}" for d in degenerate)
+        lines.append(
+            f"- Degenerate intervals (every seed's difference equal), no verdict: {named}."
+        )
     smallest = min(seeds)
     if smallest >= 2:
         factor = stats.t.ppf(0.975, smallest - 1)

@@ -1,0 +1,83 @@
+"""Low-shot fine-tuning and the frozen linear segmentation probe: the labelled subset is the same
+for every method at a seed and stratified by class; the probes train and score in range."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import yaml
+
+from downstream.classification.lowshot import fraction_tag, item_labels, labelled_subset
+from ropim.harness.config import DataSection, load_config
+from ropim.harness.data import load_images
+from ropim.harness.encoder_run import write_encoder_run
+from ropim.harness.errors import ConfigError
+from ropim.harness.pretrain import pretrain
+from ropim.harness.runtime import build_encoder, weights_digest
+from tests.conftest import PROJECT_ROOT, TINY_CONFIG, evaluate
+
+FINETUNE = {"batch_size": 16, "mixup": 0.0, "cutmix": 0.0, "rand_augment": None,
+            "random_erasing": 0.0}  # fmt: skip
+
+
+def test_subsets_are_stratified_seeded_and_method_free():
+    train = load_images(DataSection(dataset="mnist"), "train")
+    labels = item_labels(train)
+    one = labelled_subset(train, 0.01, seed=0)
+    assert one == labelled_subset(train, 0.01, seed=0)  # a function of (seed, fraction) alone
+    assert one != labelled_subset(train, 0.01, seed=1)
+    per_class = Counter(labels)
+    chosen = Counter(labels[i] for i in one)
+    assert chosen == {c: max(1, round(0.01 * n)) for c, n in per_class.items()}
+    assert set(labelled_subset(train, 0.1, seed=0)) != set(one)
+    assert fraction_tag(0.01) == "1pct" and fraction_tag(0.1) == "10pct"
+    assert fraction_tag(0.005) == "0p5pct"
+    with pytest.raises(ConfigError, match="lists file names, but the dataset has no files"):
+        labelled_subset(train, 0.01, 0, subset_file=str(TINY_CONFIG))
+
+
+def test_every_method_fine_tunes_on_the_same_labelled_images(tmp_path):
+    cfg = load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}", "train.epochs=0.3"])
+    pretrained = pretrain(cfg)
+    floor_cfg = load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}", "run.name=floor"])
+    floor = write_encoder_run(floor_cfg, build_encoder(floor_cfg), {"method": {"name": "floor"}})
+    raw = {"protocols": ["lowshot"], "lowshot": {"fractions": [0.05], "epochs": [3]},
+           "finetune": FINETUNE}  # fmt: skip
+    digests = []
+    for run_dir in (pretrained, floor):
+        before = weights_digest(build_encoder(cfg))
+        (row, _) = evaluate("classification", run_dir, raw, tmp_path / "r.csv")
+        assert row["protocol"] == "lowshot" and row["metric"] == "top1_5pct"
+        assert 0 <= row["value"] <= 1
+        found = json.loads((run_dir / "classification.json").read_text())["lowshot"]["5pct"]
+        labelled = len(labelled_subset(load_images(cfg.data, "train"), 0.05, 0))
+        batch = min(16, labelled) - min(16, labelled) % 2  # capped at the subset, even (mixup)
+        assert found["labelled_images"] == labelled and found["steps"] == 3 * (labelled // batch)
+        digests.append(found["labelled_sha256"])
+        assert weights_digest(build_encoder(cfg)) == before
+    assert digests[0] == digests[1]
+
+
+def test_the_linear_segmentation_probe_trains_on_frozen_features(tmp_path):
+    run_dir = pretrain(
+        load_config(
+            TINY_CONFIG,
+            [
+                f"run.output_dir={tmp_path}",
+                "train.epochs=0.3",
+                "model.img_size=32",
+                "model.patch_size=8",
+            ],
+        )  # fmt: skip
+    )
+    tiny = yaml.safe_load((PROJECT_ROOT / "configs" / "table2_tiny.yaml").read_text())
+    raw = tiny["segmentation"] | {"protocols": ["linear"], "linear": {"epochs": 4}}
+    rows = evaluate("segmentation", run_dir, raw, tmp_path / "r.csv")
+    scores = {r["metric"]: r["value"] for r in rows if r["protocol"] == "linear"}
+    assert set(scores) == {"mIoU", "mAcc", "aAcc", "seconds"} and 0 <= scores["mIoU"] <= 1
+    linear = json.loads((run_dir / "segmentation.json").read_text())["linear"]
+    assert linear["last_loss"] < linear["first_loss"]
+    with pytest.raises(ConfigError, match="choose one or more of"):
+        evaluate("segmentation", run_dir, raw | {"protocols": ["linaer"]}, tmp_path / "r.csv")
