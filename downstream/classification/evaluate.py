@@ -146,7 +146,11 @@ def run_classification(
             # the recipe's warmup, at most a tenth of the (short) schedule
             warmup = min(settings.finetune.warmup_epochs, 0.1 * epochs)
             recipe = replace(
-                settings.finetune, epochs=epochs, batch_size=batch, warmup_epochs=warmup
+                settings.finetune,
+                epochs=epochs,
+                batch_size=batch,
+                warmup_epochs=warmup,
+                base_lr=low.base_lr or settings.finetune.base_lr,
             )
             fresh, _ = load_pretrained_encoder(
                 run_dir, drop_path=recipe.drop_path, per_layer_bias=True

@@ -89,6 +89,7 @@ class LowShotSettings:
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
     epochs: list[float] = field(default_factory=lambda: [60, 30])  # one per fraction
     batch_size: int | None = None  # None: finetune.batch_size (capped at the subset's size)
+    base_lr: float | None = None  # None: finetune.base_lr (per lr_batch_divisor images)
     # ImageNet's fixed lists, e.g. {0.01: .../1percent.txt}; unset: seeded stratified draws
     subsets: dict[float, str] = field(default_factory=dict)
 
