@@ -283,5 +283,6 @@ def test_compare_builds_every_method_before_training_anything(tmp_path, capsys):
     bad = (
         "compare.methods={ropim: {method: {ratio: 0.25}}, simmim: {method: {mask_patch_size: abc}}}"
     )
-    assert "method 'simmim': bad setting" in _error_line(capsys, [*base, bad])
+    line = _error_line(capsys, [*base, bad])
+    assert "method.mask_patch_size must be an integer, got 'abc'" in line
     assert not (tmp_path / "table2_tiny").exists()  # nothing trained
