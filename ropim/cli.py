@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--method-dir", action="append", default=[], help="extra folder holding <method>.py files"
     )
+    pre.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     pre.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.epochs=5")
     comp = sub.add_parser("compare", help="pre-train several methods under one shared budget")
     comp.add_argument(
@@ -35,12 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--methods", help="comma-separated subset of compare.methods")
     comp.add_argument("--dry-run", action="store_true", help="check the budget and list the runs")
     comp.add_argument("--method-dir", action="append", default=[])
+    comp.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     comp.add_argument("overrides", nargs="*")
     rep = sub.add_parser("reproduce", help="pre-train, evaluate and report a comparison")
     rep.add_argument("--config", "-c", required=True, help="e.g. configs/table2_smoke.yaml")
     rep.add_argument("--results", default="results/results.csv")
     rep.add_argument("--reports", default="reports")
     rep.add_argument("--method-dir", action="append", default=[])
+    rep.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     rep.add_argument("overrides", nargs="*")
     pub = sub.add_parser(
         "published", help="the authors' released checkpoints through every task, vs. their papers"
@@ -168,6 +177,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "print_config", False):  # the mapping the command would read
+            return _print_config(args.config, args.overrides)
         if args.command == "methods":
             from ropim.harness.registry import available_methods
 
@@ -194,13 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-data":
             return _check_data(args)
         if args.command == "configs" and args.name:  # the resolved config, as runs read it
-            import yaml
-
-            from ropim.harness.config import apply_overrides, read_yaml
-
-            raw = apply_overrides(read_yaml(args.name), args.overrides)
-            print(yaml.safe_dump(raw, sort_keys=False, default_flow_style=None), end="")
-            return 0
+            return _print_config(args.name, args.overrides)
         if args.command == "configs":
             from ropim.harness.config import bundled_presets
 
@@ -311,6 +316,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    return 0
+
+
+def _print_config(path: str, overrides: list[str]) -> int:
+    """The resolved config (base presets merged, overrides applied) as YAML."""
+    import yaml
+
+    from ropim.harness.config import apply_overrides, read_yaml
+
+    raw = apply_overrides(read_yaml(path), overrides)
+    print(yaml.safe_dump(raw, sort_keys=False, default_flow_style=None), end="")
     return 0
 
 

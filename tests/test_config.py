@@ -87,6 +87,14 @@ def test_a_preset_inherits_its_base_and_configs_prints_the_result(tmp_path, caps
     assert main(["configs", str(tmp_path / "child.yaml"), "train.epochs=4"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["epochs"] == 4 and "base" not in printed
+    args = [
+        "reproduce",
+        "--config",
+        str(tmp_path / "child.yaml"),
+        "--print-config",
+        "train.epochs=5",
+    ]
+    assert main(args) == 0 and yaml.safe_load(capsys.readouterr().out)["train"]["epochs"] == 5
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="base presets form a cycle"):
         read_yaml(tmp_path / "loop.yaml")
