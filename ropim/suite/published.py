@@ -18,12 +18,12 @@ from typing import Any
 
 import pandas as pd
 
-from downstream.tasks import configured_tasks
+from downstream.tasks import all_tasks, configured_tasks
 from ropim.harness.config import apply_overrides, read_yaml
 from ropim.harness.errors import ConfigError
 from ropim.suite.evaluate import evaluate_run
 from ropim.suite.external import import_weights
-from ropim.suite.report import protocol_mismatches, read_references
+from ropim.suite.report import probe_protocol, protocol_mismatches, read_references
 from ropim.suite.weights_files import sha256_of
 
 ENTRY_KEYS = {"file", "reference", "layout", "model", "optional", "source", "tasks"}
@@ -36,6 +36,12 @@ def _entries(raw: dict[str, Any], path: str | Path) -> dict[str, dict[str, Any]]
     for label, entry in section["checkpoints"].items():
         if not isinstance(entry, dict) or "file" not in entry or "model" not in entry:
             raise ConfigError(f"published.checkpoints.{label} in {path} needs file and model")
+        names = [task.name for task in all_tasks()]
+        if not set(entry.get("tasks", [])) <= set(names):
+            raise ConfigError(
+                f"published.checkpoints.{label}.tasks={entry['tasks']!r} in {path}: choose "
+                f"from {names}"
+            )
         unknown = sorted(set(entry) - ENTRY_KEYS)
         if unknown:
             raise ConfigError(
@@ -101,12 +107,7 @@ def evaluate_published(
                 for row in rows
                 if (row["protocol"], row["metric"]) in headlines
             ]
-    classification = raw.get("classification") or {}
-    probe = {
-        "feature": classification.get("feature", "cls"),
-        "layer": (classification.get("linear") or {}).get("layer"),
-    }
-    table = published_table(pd.DataFrame(measured), probe)
+    table = published_table(pd.DataFrame(measured), probe_protocol(raw))
     name = (raw.get("published") or {}).get("name") or Path(config_path).stem
     return write_published(table, Path(reports_dir), name, str(config_path))
 

@@ -45,8 +45,17 @@ def read_references() -> pd.DataFrame | None:
 
 def reference_settings(feature: str, layer: Any) -> str:
     """The settings that probe as a reference row did."""
-    block = "null" if str(layer) in ("last", "nan", "") else str(int(float(layer)))
-    return f"classification.feature={feature} classification.linear.layer={block}"
+    block = _probe_of(feature, layer)[1]
+    return f"classification.feature={feature} classification.linear.layer=" + (
+        "null" if block == "last" else block
+    )
+
+
+def probe_protocol(raw: dict[str, Any]) -> dict[str, Any]:
+    """The frozen-feature protocol a config's linear probe uses (feature, block)."""
+    classification = raw.get("classification") or {}
+    layer = (classification.get("linear") or {}).get("layer")
+    return {"feature": classification.get("feature", "cls"), "layer": layer}
 
 
 def _probe_of(feature: Any, layer: Any) -> tuple[str, str]:

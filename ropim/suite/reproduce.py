@@ -27,7 +27,7 @@ from ropim.harness.records import code_version, write_json
 from ropim.harness.tasks import TaskSettings, TaskSpec
 from ropim.suite.compare import check_methods, claims_dir, plan_comparison, run_comparison
 from ropim.suite.evaluate import evaluate_run
-from ropim.suite.report import write_report
+from ropim.suite.report import probe_protocol, write_report
 from ropim.suite.results import read_results
 
 
@@ -154,7 +154,7 @@ def make_report(
             f" Configured but not run in this preset (compare.tasks): {', '.join(left_out)};"
             f" the preset's comments say why."
         )
-    feature = (raw.get("classification") or {}).get("feature", "cls")
+    feature = probe_protocol(raw)["feature"]
     curves = learning_curves(planned)
     path = write_report(
         read_results(results_path),
@@ -168,10 +168,7 @@ def make_report(
         curves,
         curve_metric=f"knn_{feature}",
         mode=section.get("mode", "identical_budget"),
-        probe={
-            "feature": feature,
-            "layer": ((raw.get("classification") or {}).get("linear") or {}).get("layer"),
-        },
+        probe=probe_protocol(raw),
     )
     text = [line for line in path.read_text().splitlines() if not line.startswith("![")]
     print("\n".join(text))  # the table and what it supports, where the run ends
