@@ -1,28 +1,21 @@
-"""The downstream tasks: every ``downstream/<name>/`` package whose ``__init__`` declares
-``TASK``, in their declared order. Adding a task is adding such a package."""
+"""The downstream tasks, one registry: each ``downstream/<name>/`` package declares ``TASK`` in
+its ``__init__``; adding a task is adding such a package and naming it in ``TASKS``."""
 
 from __future__ import annotations
 
-import functools
-import importlib
-import pkgutil
 from typing import Any
 
+from downstream import classification, detection, segmentation
 from ropim.harness.errors import ConfigError
 from ropim.harness.tasks import TaskSpec
 
+TASKS: tuple[TaskSpec, ...] = tuple(
+    sorted((classification.TASK, segmentation.TASK, detection.TASK), key=lambda spec: spec.order)
+)
 
-@functools.lru_cache(maxsize=1)
+
 def all_tasks() -> tuple[TaskSpec, ...]:
-    import downstream
-
-    found = []
-    for info in pkgutil.iter_modules(downstream.__path__):
-        if info.ispkg:
-            spec = getattr(importlib.import_module(f"downstream.{info.name}"), "TASK", None)
-            if isinstance(spec, TaskSpec):
-                found.append(spec)
-    return tuple(sorted(found, key=lambda spec: spec.order))
+    return TASKS
 
 
 def task_named(name: str) -> TaskSpec:

@@ -46,6 +46,16 @@ def _imports(source: str) -> set[str]:
     return found
 
 
+def _imported_names(source: str) -> set[str]:
+    """Each name ``from package import name`` brings, which may be a module of the package."""
+    return {
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names
+    }
+
+
 def _sources() -> list[Path]:
     tops = ("ropim", "baselines", "downstream")
     return [p for top in tops for p in (PROJECT_ROOT / top).rglob("*.py")]
@@ -79,6 +89,36 @@ def test_the_checker_sees_violations_inside_functions_too():
         "baselines.x imports downstream.tasks"
     ]
     assert _violations({"ropim.suite.x": "import baselines.mae"}) == []
+
+
+def test_the_registries_are_routes_the_checker_sees():
+    """Methods come from the packages ``pyproject.toml`` declares as entry points (the harness
+    reads the group, and names no method package in its code); tasks from the imports of
+    ``downstream/tasks.py``; each task's settings and run from imports inside its loaders."""
+    import tomllib
+
+    from downstream.tasks import all_tasks
+    from ropim.harness.registry import PACKAGE_GROUP, available_methods, method_class
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["entry-points"][PACKAGE_GROUP]
+    assert set(declared.values()) == {"ropim.method", "baselines"}
+    method_layers = {"ropim.method", "baselines"}
+    for name in available_methods():
+        assert _layer(method_class(name).__module__) in method_layers, name
+    for path in (PROJECT_ROOT / "ropim" / "harness").rglob("*.py"):
+        literals = {
+            node.value
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        }
+        assert not literals & method_layers, path
+    registry = _imported_names((PROJECT_ROOT / "downstream" / "tasks.py").read_text())
+    for spec in all_tasks():
+        package = f"downstream.{spec.name}"
+        assert package in registry
+        loaders = _imports((PROJECT_ROOT / "downstream" / spec.name / "__init__.py").read_text())
+        assert any(m.startswith(package + ".") for m in loaders), spec.name
 
 
 def test_nothing_cites_files_a_clone_does_not_hold():

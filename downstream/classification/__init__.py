@@ -2,11 +2,24 @@
 
 from ropim.harness.tasks import Column, TaskSpec
 
+
+def _settings():
+    from downstream.classification.settings import ClassificationSettings
+
+    return ClassificationSettings
+
+
+def _run():
+    from downstream.classification.evaluate import run_classification
+
+    return run_classification
+
+
 TASK = TaskSpec(
     name="classification",
     order=1,
-    settings="downstream.classification.settings:ClassificationSettings",
-    run="downstream.classification.evaluate:run_classification",
+    settings=_settings,
+    run=_run,
     protocols=("knn", "linear", "finetune", "lowshot"),
     headlines=(
         Column("knn", "top1", "knn top-1 (%)"),

@@ -2,11 +2,24 @@
 
 from ropim.harness.tasks import Column, TaskSpec
 
+
+def _settings():
+    from downstream.detection.settings import DetectionSettings
+
+    return DetectionSettings
+
+
+def _run():
+    from downstream.detection.finetune import run_detection
+
+    return run_detection
+
+
 TASK = TaskSpec(
     name="detection",
     order=3,
-    settings="downstream.detection.settings:DetectionSettings",
-    run="downstream.detection.finetune:run_detection",
+    settings=_settings,
+    run=_run,
     protocols=("vitdet_mask_rcnn",),
     headlines=(
         Column("vitdet_mask_rcnn", "box_AP", "Mask R-CNN AP box (%)"),

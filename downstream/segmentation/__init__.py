@@ -2,11 +2,24 @@
 
 from ropim.harness.tasks import Column, Floor, TaskSpec
 
+
+def _settings():
+    from downstream.segmentation.settings import SegmentationSettings
+
+    return SegmentationSettings
+
+
+def _run():
+    from downstream.segmentation.finetune import run_segmentation
+
+    return run_segmentation
+
+
 TASK = TaskSpec(
     name="segmentation",
     order=2,
-    settings="downstream.segmentation.settings:SegmentationSettings",
-    run="downstream.segmentation.finetune:run_segmentation",
+    settings=_settings,
+    run=_run,
     protocols=("upernet", "linear"),
     headlines=(
         Column("upernet", "mIoU", "UperNet mIoU (%)"),

@@ -3,14 +3,13 @@ table columns it fills, published-value columns, floors) and the suite reads tha
 nothing outside the task names its protocols or metrics.
 
 A task package ``downstream/<name>/`` exposes ``TASK = TaskSpec(...)`` in its ``__init__``;
-its settings class and its ``run`` function are named as ``"module:attribute"`` and imported
-only when used (segmentation pulls in ``transformers``, which takes seconds to load).
+its settings class and its ``run`` function come from two small loader functions that import
+them when first used (segmentation pulls in ``transformers``, which takes seconds to load).
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,17 +111,16 @@ class TaskOutcome:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def _resolve(target: str) -> Any:
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
+# run_dir, settings, after_step -> what the task measured
+RunTask = Callable[[Path, Any, Sequence[Callable[[int], None]]], TaskOutcome]
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str  # also the config section and the ``task`` column of results
     order: int  # position in tables and in a reproduction
-    settings: str  # "module:Class", a TaskSettings subclass
-    run: str  # "module:function"(run_dir, settings, after_step) -> TaskOutcome
+    settings: Callable[[], type[TaskSettings]]  # imports and returns the settings class
+    run: Callable[[], RunTask]  # imports and returns the function that runs the task
     protocols: tuple[str, ...]
     headlines: tuple[Column, ...]  # measured columns of the report, in order
     published: tuple[Column, ...] = ()  # columns filled from the published references
@@ -131,11 +129,11 @@ class TaskSpec:
 
     def parse_settings(self, raw: dict[str, Any] | None) -> TaskSettings:
         """This task's section of a config mapping (``raw[self.name]``), parsed and checked."""
-        return _resolve(self.settings).parse((raw or {}).get(self.name), self.name)
+        return self.settings().parse((raw or {}).get(self.name), self.name)
 
     def read_settings(self, raw: dict[str, Any] | None) -> TaskSettings:
         """The same section, unchecked (for the recipe card)."""
-        return _resolve(self.settings).read((raw or {}).get(self.name), self.name)
+        return self.settings().read((raw or {}).get(self.name), self.name)
 
     def evaluate(
         self,
@@ -143,4 +141,4 @@ class TaskSpec:
         settings: TaskSettings,
         after_step: Sequence[Callable[[int], None]] = (),
     ) -> TaskOutcome:
-        return _resolve(self.run)(Path(run_dir), settings, after_step)
+        return self.run()(Path(run_dir), settings, after_step)
