@@ -18,7 +18,7 @@ from downstream.classification.linear_probe import (
     augmented_linear_probe_accuracy,
     linear_probe_accuracy,
 )
-from downstream.classification.lowshot import fraction_tag, labelled_subset
+from downstream.classification.lowshot import ProbeHeadInit, fraction_tag, labelled_subset
 from downstream.classification.settings import ClassificationSettings, settings_for_method
 from downstream.encoder import finetune_fingerprint, load_pretrained_encoder
 from ropim.harness.config import Config
@@ -156,9 +156,15 @@ def run_classification(
                 run_dir, drop_path=recipe.drop_path, per_layer_bias=True
             )
             fingerprint = finetune_fingerprint(run_dir, recipe) | {"labelled": len(chosen)}
+            init_head = None
+            if low.head == "probe":  # LP-FT
+                init_head = ProbeHeadInit(settings.linear, low.probe_steps, seed)
+                fingerprint |= {"head": "probe", "probe_steps": low.probe_steps,
+                                "probe": asdict(settings.linear)}  # fmt: skip
             result = finetune_accuracy(
                 fresh, cfg, recipe, num_classes, seed, run_dir / f"classification_lowshot_{tag}",
                 fingerprint, after_step, train_indices=chosen, every_epoch=False,
+                init_head=init_head,
             )  # fmt: skip
             add("lowshot", f"top1_{tag}", result["top1"])  # after the last step: no val peeking
             add("lowshot", f"seconds_{tag}", time.perf_counter() - start)

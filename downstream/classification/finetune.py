@@ -14,7 +14,7 @@ from timm.data import Mixup, create_transform
 from timm.data.auto_augment import RandAugment, posterize
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from downstream.classification.settings import FinetuneSettings
@@ -26,6 +26,9 @@ from ropim.harness.loop import Hooks, LoopPlan, plan_steps, train_loop
 from ropim.harness.optim import build_scheduler, layer_decay_adamw
 from ropim.harness.runtime import make_fabric
 from ropim.harness.seeding import derive_seed, seeded_host_rngs
+
+# (model with its fresh head, the training images' evaluation view, the val split) -> notes
+HeadInit = Callable[[nn.Module, Dataset, Dataset], dict[str, float]]
 
 
 class _ToPilRgb:
@@ -126,12 +129,15 @@ def finetune_accuracy(
     after_step: Sequence[Callable[[int], None]] = (),
     train_indices: Sequence[int] | None = None,
     every_epoch: bool = True,
+    init_head: HeadInit | None = None,
 ) -> dict[str, float]:
     """Fine-tune ``backbone`` (changed in place) on the train split through the one loop
     (checkpoints and resume under ``out_dir``); top-1 on the val split.
 
     Deterministic per seed: views are seeded per (seed, epoch, image) including timm's draws
-    from Python's ``random``; mixup/cutmix draw from NumPy seeded per (seed, step)."""
+    from Python's ``random``; mixup/cutmix draw from NumPy seeded per (seed, step).
+    ``init_head`` (the low-shot protocol's LP-FT) sets the head from the training images'
+    evaluation view before the first step; what it returns joins the result."""
     fabric = make_fabric(cfg.train.accelerator, cfg.train.precision)
     torch.manual_seed(derive_seed(seed, "classifier-head"))
     model = backbone.vit
@@ -140,11 +146,12 @@ def finetune_accuracy(
     if train_indices is not None:  # the low-shot protocol's labelled subset
         images = Subset(images, list(train_indices))
     train_set = SeededViews(images, finetune_transform(cfg, ft), seed)
-    val_set = SeededViews(
-        load_images(cfg.data, "val"),
-        eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans),
-        seed,
-    )
+    view = eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans)
+    val_set = SeededViews(load_images(cfg.data, "val"), view, seed)
+    head_info: dict[str, float] = {}
+    if init_head is not None:
+        model.to(fabric.device)
+        head_info = init_head(model, SeededViews(images, view, seed), val_set)
     batch = ft.batch_size - ft.batch_size % 2  # mixup pairs samples
     world = fabric.world_size
     optimizer, min_lr = finetune_optimizer(model, ft, batch * world, backbone.vit_no_weight_decay())
@@ -250,4 +257,4 @@ def finetune_accuracy(
         "steps": trained.progress.step,
         "total_batch": batch * world,
         "train_seconds": trained.progress.train_time_s,
-    }
+    } | head_info

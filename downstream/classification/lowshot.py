@@ -9,11 +9,18 @@ same labelled images at a given seed. On ImageNet the 1%/10% subsets are fixed f
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
+from downstream.classification.linear_probe import head_accuracy, train_linear_head
+from downstream.classification.settings import LinearSettings
 from ropim.harness.errors import ConfigError, DataError
 from ropim.harness.seeding import derive_seed
 
@@ -80,3 +87,76 @@ def labelled_subset(
         order = torch.randperm(len(members), generator=generator)[:take]
         chosen += [members[i] for i in order.tolist()]
     return sorted(chosen)
+
+
+@torch.no_grad()
+def _pre_logits(model: nn.Module, views: Dataset, device: torch.device) -> tuple[Tensor, Tensor]:
+    """What the fine-tune model's head reads (pooled tokens after ``fc_norm``), per image."""
+    was_training = model.training
+    model.eval()
+    features, labels = [], []
+    for images, targets in DataLoader(views, batch_size=256):
+        tokens = model.forward_features(images.to(device))
+        features.append(model.forward_head(tokens, pre_logits=True).float())
+        labels.append(torch.as_tensor(targets).to(device))
+    model.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def fold_batchnorm(probe: nn.Sequential, head: nn.Linear) -> None:
+    """Write ``linear(batchnorm(x))`` of a trained probe (BatchNorm without affine, in eval
+    mode) into one linear layer: ``W' = W/σ``, ``b' = b − W'μ``; the same function of x."""
+    norm, linear = probe[0], probe[1]
+    scale = (norm.running_var + norm.eps).rsqrt()
+    weight = linear.weight * scale
+    head.weight.copy_(weight)
+    head.bias.copy_(linear.bias - weight @ norm.running_mean)
+
+
+class ProbeHeadInit:
+    """LP-FT's first stage (Kumar et al., ICLR 2022): a linear probe trained on the frozen
+    encoder's features of the labelled images (their evaluation view), with the linear-probe
+    recipe for ``steps`` steps, written into the fine-tune head. A head that starts at chance
+    barely moves in the few hundred steps a small labelled set gives, so the fine-tune would
+    measure its own optimiser rather than the encoder."""
+
+    def __init__(self, recipe: LinearSettings, steps: int, seed: int) -> None:
+        self.recipe, self.steps, self.seed = recipe, steps, seed
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, labelled: Dataset, val_set: Dataset) -> dict[str, float]:
+        device = next(model.parameters()).device
+        x_train, y_train = _pre_logits(model, labelled, device)
+        batch = min(self.recipe.batch_size, len(x_train))
+        per_epoch = math.ceil(len(x_train) / batch)
+        recipe = replace(
+            self.recipe,
+            batch_size=batch,
+            epochs=math.ceil(self.steps / per_epoch),
+            warmup_epochs=min(self.recipe.warmup_epochs, math.ceil(0.1 * self.steps / per_epoch)),
+        )
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "lowshot-probe"))
+
+        def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+            order = torch.randperm(len(x_train), generator=generator).to(device)
+            for start in range(0, len(order), batch):
+                index = order[start : start + batch]
+                yield x_train[index], y_train[index]
+
+        with torch.enable_grad():
+            probe = train_linear_head(
+                batches,
+                x_train.shape[1],
+                model.head.out_features,
+                per_epoch,
+                recipe,
+                derive_seed(self.seed, "lowshot-probe-head"),
+                device,
+            )
+        fold_batchnorm(probe, model.head)
+        x_val, y_val = _pre_logits(model, val_set, device)
+        return {
+            "probe_top1": head_accuracy(model.head, x_val, y_val),
+            "probe_steps": recipe.epochs * per_epoch,
+        }

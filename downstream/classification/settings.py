@@ -92,6 +92,12 @@ class LowShotSettings:
     base_lr: float | None = None  # None: finetune.base_lr (per lr_batch_divisor images)
     # ImageNet's fixed lists, e.g. {0.01: .../1percent.txt}; unset: seeded stratified draws
     subsets: dict[float, str] = field(default_factory=dict)
+    # The head the fine-tune starts from: "fresh" (the published head's init, SimCLR's
+    # protocol) or "probe" (LP-FT, Kumar et al., ICLR 2022: a linear head first trained on the
+    # frozen encoder's features of the labelled images with the linear-probe recipe, then
+    # everything fine-tuned from there)
+    head: str = "fresh"
+    probe_steps: int = 500  # the probe's steps under head: probe (labelled sets are small)
 
 
 @dataclass
@@ -165,6 +171,13 @@ class ClassificationSettings(TaskSettings):
                 f"{section}.lowshot: fractions {low.fractions} must lie in (0, 1] with one "
                 f"entry of epochs {low.epochs} each"
             )
+        if low.head not in ("fresh", "probe"):
+            raise ConfigError(
+                f"{section}.lowshot.head={low.head!r} must be fresh (the published head's init) "
+                "or probe (LP-FT: a linear probe first)"
+            )
+        if low.probe_steps < 1:
+            raise ConfigError(f"{section}.lowshot.probe_steps={low.probe_steps} must be >= 1")
 
 
 # Where the adapter's own defaults come from (used where a method publishes no value).
