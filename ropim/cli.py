@@ -179,121 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "print_config", False):  # the mapping the command would read
             return _print_config(args.config, args.overrides)
-        if args.command == "methods":
-            from ropim.harness.registry import available_methods
-
-            print("\n".join(available_methods(args.method_dir)))
-            return 0
-        if args.command == "gpu-check":
-            from ropim.suite.gpu_check import gpu_check
-
-            summary = gpu_check(args.out, args.steps)
-            resume = summary["resume"]
-            gap = resume["max_abs_weight_difference"]
-            print(
-                f"resume on {summary['hardware']['cuda_devices'][0]}: identical weights "
-                f"{resume['identical_weights']}, max difference {gap:.3g}"
-            )
-            print(f"written: {args.out}/gpu_check.json, {args.out}/bench.csv")
-            return 0
-        if args.command == "export":
-            from ropim.suite.export import export_run
-
-            out = export_run(args.run, args.out, args.results)
-            print(f"exported: {out} (timm.create_model('local-dir:{out}', pretrained=True))")
-            return 0
-        if args.command == "check-data":
-            return _check_data(args)
-        if args.command == "configs" and args.name:  # the resolved config, as runs read it
-            return _print_config(args.name, args.overrides)
-        if args.command == "configs":
-            from ropim.harness.config import bundled_presets
-
-            for name, path in bundled_presets().items():
-                lines = path.read_text().splitlines()
-                about = next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
-                print(f"{name:<28} {about}")
-            return 0
-        if args.command == "tasks":
-            from downstream.tasks import all_tasks
-
-            for task in all_tasks():
-                metrics = ", ".join(f"{c.protocol}/{c.metric}" for c in task.headlines)
-                when = "always" if task.always else f"when the config has a {task.name} section"
-                print(f"{task.name}: {metrics} ({when})")
-            return 0
-        if args.command == "recipes":
-            from ropim.suite.recipes import format_card, recipe_card
-
-            card = recipe_card(
-                args.method, args.protocol, args.config, args.devices, args.overrides
-            )
-            print(format_card(card, args.format), end="" if args.format == "csv" else "\n")
-            return 0
-        if args.command == "compare":
-            return _compare(args)
-        if args.command == "bench-pretrain":
-            return _bench_pretrain(args)
-        if args.command == "bench-data":
-            return _bench_data(args)
-        if args.command == "bench-loop":
-            return _bench_loop(args)
-        if args.command == "bench-dense":
-            from ropim.suite.bench_dense import VARIANTS, bench_dense
-
-            for row in bench_dense(
-                tuple(args.variants or VARIANTS),
-                detection_size=args.detection_size,
-                segmentation_size=args.segmentation_size,
-                depth=args.depth,
-                cap_gib=args.cap_gib,
-            ):
-                where = (
-                    f"{row['variant']:<16} {row['image']} px, {row['depth']} blocks, "
-                    f"batch {row['batch']}:"
-                )
-                if "error" in row:
-                    print(f"{where} {row['error']}")
-                else:
-                    print(
-                        f"{where} {row['seconds']:.1f} s per iteration, peak {row['peak_mib']:.0f}"
-                        f" MiB (model and optimiser {row['model_mib']:.0f} MiB before it)"
-                    )
-            return 0
-        if args.command == "evaluate":
-            return _evaluate(args)
-        if args.command == "report":
-            from ropim.suite.reproduce import make_report
-
-            make_report(args.config, args.overrides, args.results, args.reports)
-            return 0
-        if args.command == "published":
-            from ropim.suite.published import evaluate_published
-
-            evaluate_published(
-                args.config, args.checkpoints, args.overrides, args.results, args.reports
-            )
-            return 0
-        if args.command == "reproduce":
-            from ropim.suite.reproduce import reproduce
-
-            reproduce(
-                args.config, args.overrides, args.results, args.reports, tuple(args.method_dir)
-            )
-            return 0
-        from ropim.harness.config import load_config
-
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "bench-step":
-            import json
-
-            from ropim.suite.bench import bench_step
-
-            print(json.dumps(bench_step(cfg, args.warmup, args.steps), indent=2))
-            return 0
-        from ropim.harness.pretrain import pretrain
-
-        pretrain(cfg, resume=args.resume, method_dirs=tuple(args.method_dir))
+        return COMMANDS[args.command](args)
     except (ConfigError, DataError, CheckpointError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -316,6 +202,132 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+
+
+# One function per command, each the route from its arguments into the suite or the harness;
+# the table at the end of the module dispatches to them.
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from ropim.harness.config import load_config
+    from ropim.harness.pretrain import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    pretrain(cfg, resume=args.resume, method_dirs=tuple(args.method_dir))
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from ropim.harness.registry import available_methods
+
+    print("\n".join(available_methods(args.method_dir)))
+    return 0
+
+
+def _gpu_check(args: argparse.Namespace) -> int:
+    from ropim.suite.gpu_check import gpu_check
+
+    summary = gpu_check(args.out, args.steps)
+    resume = summary["resume"]
+    gap = resume["max_abs_weight_difference"]
+    print(
+        f"resume on {summary['hardware']['cuda_devices'][0]}: identical weights "
+        f"{resume['identical_weights']}, max difference {gap:.3g}"
+    )
+    print(f"written: {args.out}/gpu_check.json, {args.out}/bench.csv")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ropim.suite.export import export_run
+
+    out = export_run(args.run, args.out, args.results)
+    print(f"exported: {out} (timm.create_model('local-dir:{out}', pretrained=True))")
+    return 0
+
+
+def _configs(args: argparse.Namespace) -> int:
+    if args.name:  # the resolved config, as runs read it
+        return _print_config(args.name, args.overrides)
+    from ropim.harness.config import bundled_presets
+
+    for name, path in bundled_presets().items():
+        lines = path.read_text().splitlines()
+        about = next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
+        print(f"{name:<28} {about}")
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from downstream.tasks import all_tasks
+
+    for task in all_tasks():
+        metrics = ", ".join(f"{c.protocol}/{c.metric}" for c in task.headlines)
+        when = "always" if task.always else f"when the config has a {task.name} section"
+        print(f"{task.name}: {metrics} ({when})")
+    return 0
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from ropim.suite.recipes import format_card, recipe_card
+
+    card = recipe_card(args.method, args.protocol, args.config, args.devices, args.overrides)
+    print(format_card(card, args.format), end="" if args.format == "csv" else "\n")
+    return 0
+
+
+def _bench_dense(args: argparse.Namespace) -> int:
+    from ropim.suite.bench_dense import VARIANTS, bench_dense
+
+    for row in bench_dense(
+        tuple(args.variants or VARIANTS),
+        detection_size=args.detection_size,
+        segmentation_size=args.segmentation_size,
+        depth=args.depth,
+        cap_gib=args.cap_gib,
+    ):
+        where = (
+            f"{row['variant']:<16} {row['image']} px, {row['depth']} blocks, batch {row['batch']}:"
+        )
+        if "error" in row:
+            print(f"{where} {row['error']}")
+        else:
+            print(
+                f"{where} {row['seconds']:.1f} s per iteration, peak {row['peak_mib']:.0f}"
+                f" MiB (model and optimiser {row['model_mib']:.0f} MiB before it)"
+            )
+    return 0
+
+
+def _bench_step(args: argparse.Namespace) -> int:
+    import json
+
+    from ropim.harness.config import load_config
+    from ropim.suite.bench import bench_step
+
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(bench_step(cfg, args.warmup, args.steps), indent=2))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ropim.suite.reproduce import make_report
+
+    make_report(args.config, args.overrides, args.results, args.reports)
+    return 0
+
+
+def _published(args: argparse.Namespace) -> int:
+    from ropim.suite.published import evaluate_published
+
+    evaluate_published(args.config, args.checkpoints, args.overrides, args.results, args.reports)
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from ropim.suite.reproduce import reproduce
+
+    reproduce(args.config, args.overrides, args.results, args.reports, tuple(args.method_dir))
     return 0
 
 
@@ -455,21 +467,14 @@ def _bench_loop(args: argparse.Namespace) -> int:
 
 
 def _bench_pretrain(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import pandas as pd
 
-    from ropim.suite.bench import bench_pretrain
+    from ropim.suite.bench import bench_pretrain, write_bench_table
     from ropim.suite.compare import plan_comparison
 
     planned = plan_comparison(args.config, args.overrides)
-    rows = bench_pretrain(planned, steps=args.steps)
-    table = pd.DataFrame(rows)
-    device = str(table["device_name"].iloc[0]).replace(" ", "_")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"pretrain_{device}.csv"
-    table.to_csv(path, index=False)
+    table = pd.DataFrame(bench_pretrain(planned, steps=args.steps))
+    path = write_bench_table(table, args.out)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         for measurement, group in table.groupby("measurement", sort=False):
             print(f"\n{measurement}:")
@@ -496,6 +501,28 @@ def _compare(args: argparse.Namespace) -> int:
     run_dirs = run_comparison(planned, tuple(args.method_dir))
     print(summarize(run_dirs))
     return 0
+
+
+COMMANDS = {  # command -> its function
+    "pretrain": _pretrain,
+    "compare": _compare,
+    "reproduce": _reproduce,
+    "published": _published,
+    "report": _report,
+    "evaluate": _evaluate,
+    "bench-pretrain": _bench_pretrain,
+    "bench-data": _bench_data,
+    "bench-loop": _bench_loop,
+    "bench-dense": _bench_dense,
+    "bench-step": _bench_step,
+    "gpu-check": _gpu_check,
+    "export": _export,
+    "check-data": _check_data,
+    "tasks": _tasks,
+    "configs": _configs,
+    "recipes": _recipes,
+    "methods": _methods,
+}
 
 
 if __name__ == "__main__":

@@ -174,3 +174,12 @@ def test_skip_leaves_bad_images_out_and_records_each(tmp_path):
         "corrupt.jpg",
         "truncated.jpg",
     ]
+
+
+def test_every_command_is_dispatched_from_the_table():
+    import argparse
+
+    from ropim.cli import COMMANDS, _parser
+
+    (sub,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(COMMANDS) == set(sub.choices)

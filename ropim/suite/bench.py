@@ -162,6 +162,16 @@ def bench_pretrain(
     return rows
 
 
+def write_bench_table(table: Any, out: str | Path) -> Path:
+    """``bench_pretrain``'s rows as ``<out>/pretrain_<device>.csv`` (one file per device)."""
+    device = str(table["device_name"].iloc[0]).replace(" ", "_")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"pretrain_{device}.csv"
+    table.to_csv(path, index=False)
+    return path
+
+
 def plain_loop_rate(cfg: Config, steps: int) -> float:
     """Images/s of the shortest honest PyTorch loop over the same work as the harness: the same
     model, method loss, optimiser, schedule, clipping, views and batch, and nothing else (no
