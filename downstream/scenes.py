@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ropim.harness.data import MnistDigits
+from ropim.harness.data.datasets import MnistDigits
 from ropim.harness.seeding import derive_seed
 
 IGNORE_LABEL = 0

@@ -233,7 +233,9 @@ def test_augmented_probe_trains_through_the_frozen_encoder(monkeypatch):
         augmented_linear_probe_accuracy,
     )
     from downstream.classification.settings import LinearSettings
-    from ropim.harness.data import SeededViews, eval_transform, load_images
+    from ropim.harness.data.datasets import load_images
+    from ropim.harness.data.transforms import eval_transform
+    from ropim.harness.data.views import SeededViews
     from ropim.harness.probe import extract_features
     from ropim.harness.runtime import build_encoder
 

@@ -4,7 +4,10 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from ropim.harness.config import DataSection
-from ropim.harness.data import SeededViews, epoch_batches, load_images, pretrain_transform
+from ropim.harness.data.batching import epoch_batches
+from ropim.harness.data.datasets import load_images
+from ropim.harness.data.transforms import pretrain_transform
+from ropim.harness.data.views import SeededViews
 from ropim.harness.errors import ConfigError, DataError
 
 
@@ -83,7 +86,7 @@ def test_image_folder_reads_images_and_names_a_corrupt_file(tmp_path):
 
 
 def test_evaluation_view_is_resize_256_then_centre_crop_224_on_folders():
-    from ropim.harness.data import eval_resize, eval_transform
+    from ropim.harness.data.transforms import eval_resize, eval_transform
 
     folder = DataSection(dataset="imagefolder", mean=[0.5] * 3, std=[0.5] * 3)
     assert eval_resize(folder, 224) == 256

@@ -27,7 +27,7 @@ def _build(name: str):
 
 
 def _digits() -> torch.Tensor:
-    from ropim.harness.data import MnistDigits
+    from ropim.harness.data.datasets import MnistDigits
 
     images = MnistDigits("train").images[:8].float().div(255).sub(0.13).div(0.31)
     return images.expand(-1, 3, -1, -1)

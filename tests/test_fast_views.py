@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from ropim.harness.config import DataSection, load_config
-from ropim.harness.data import SeededViews, pretrain_views
+from ropim.harness.data.views import SeededViews, pretrain_views
 from ropim.harness.errors import DataError
 from ropim.harness.fast_views import BatchNormalizer, DecoderCropViews, crop_box, decode_crop
 from ropim.suite.bench_data import bench_data, make_jpeg_folder

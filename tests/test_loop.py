@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ropim.harness.data import SeededViews
+from ropim.harness.data.views import SeededViews
 from ropim.harness.errors import ConfigError, TrainingError
 from ropim.harness.loop import Hooks, LoopPlan, train_loop
 from ropim.harness.optim import build_scheduler

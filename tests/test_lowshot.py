@@ -20,7 +20,9 @@ from downstream.classification.lowshot import (
 )
 from downstream.classification.settings import LinearSettings
 from ropim.harness.config import DataSection, load_config
-from ropim.harness.data import SeededViews, eval_transform, load_images
+from ropim.harness.data.datasets import load_images
+from ropim.harness.data.transforms import eval_transform
+from ropim.harness.data.views import SeededViews
 from ropim.harness.encoder_run import write_encoder_run
 from ropim.harness.errors import ConfigError
 from ropim.harness.pretrain import pretrain

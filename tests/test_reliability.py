@@ -221,7 +221,7 @@ def test_a_probe_batch_larger_than_the_data_names_the_probe_setting():
 
     from downstream.classification.linear_probe import augmented_linear_probe_accuracy
     from downstream.classification.settings import LinearSettings
-    from ropim.harness.data import SeededViews
+    from ropim.harness.data.views import SeededViews
     from tests.conftest import tiny_backbone
 
     images = TensorDataset(torch.zeros(100, 3, 28, 28), torch.zeros(100, dtype=torch.long))

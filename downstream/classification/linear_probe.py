@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 from downstream.classification.settings import LinearSettings
 from ropim.harness.backbone import ViTBackbone
-from ropim.harness.data import SeededViews, epoch_batches, steps_per_epoch
+from ropim.harness.data.batching import epoch_batches, steps_per_epoch
+from ropim.harness.data.views import SeededViews
 from ropim.harness.optim import build_scheduler
 from ropim.harness.progress import tracked
 

@@ -46,7 +46,8 @@ from downstream.segmentation.transforms import (
     resize_pair,
 )
 from ropim.harness.config import Config
-from ropim.harness.data import SeededPairs, dataset_stats
+from ropim.harness.data.datasets import dataset_stats
+from ropim.harness.data.views import SeededPairs
 from ropim.harness.errors import ConfigError
 from ropim.harness.loop import Hooks, LoopPlan, train_loop
 from ropim.harness.optim import layer_decay_adamw

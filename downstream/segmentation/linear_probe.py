@@ -24,7 +24,7 @@ from downstream.segmentation.dataset import ADE20KSegmentation
 from downstream.segmentation.metrics import IGNORE_INDEX, confusion_matrix, segmentation_scores
 from downstream.segmentation.settings import SegmentationSettings
 from downstream.segmentation.transforms import normalize, resize_pair
-from ropim.harness.data import dataset_stats
+from ropim.harness.data.datasets import dataset_stats
 from ropim.harness.optim import build_scheduler
 from ropim.harness.progress import tracked
 from ropim.harness.seeding import derive_seed

@@ -11,9 +11,10 @@ Measured on a 2-core CPU (``ropim bench-data``, 500×375 JPEGs, 224 px): Pillow'
 Pillow's bicubic resize of the box ran at about half the decoder's rate; libjpeg-turbo plus the
 uint8 resize runs within reach of the decoder alone (figures in the README).
 
-A view is a function of (seed, epoch, index) only, like :class:`~ropim.harness.data.SeededViews`:
-every method sees the same crops and a resumed run replays them exactly. The crops follow
-torchvision's ``RandomResizedCrop`` algorithm (10 tries at a random area and log-uniform aspect
+A view is a function of (seed, epoch, index) only, like
+:class:`~ropim.harness.data.views.SeededViews`: every method sees the same crops and a
+resumed run replays them exactly. The crops follow torchvision's ``RandomResizedCrop``
+algorithm (10 tries at a random area and log-uniform aspect
 ratio, then a centre crop clamped to the ratio range); the pixels differ slightly from the
 ``full`` path (the box is rounded to whole pixels of a DCT-scaled decode).
 """

@@ -19,7 +19,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ropim.harness.config import DataSection
-from ropim.harness.data import load_images, pretrain_views
+from ropim.harness.data.datasets import load_images
+from ropim.harness.data.views import pretrain_views
 from ropim.harness.fast_views import decode_crop
 from ropim.harness.registry import method_class
 

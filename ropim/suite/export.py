@@ -17,7 +17,8 @@ import pandas as pd
 from timm.models import save_for_hf
 
 from downstream.encoder import load_pretrained_encoder, pretrained_checkpoint
-from ropim.harness.data import EVAL_INTERPOLATION, dataset_stats, eval_resize
+from ropim.harness.data.datasets import dataset_stats
+from ropim.harness.data.transforms import EVAL_INTERPOLATION, eval_resize
 from ropim.harness.errors import ConfigError
 from ropim.harness.records import read_run_record
 from ropim.suite.external import model_args_record
