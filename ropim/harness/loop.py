@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from ropim.harness.checkpoint import CheckpointDir
 from ropim.harness.config import LogSection
-from ropim.harness.data import SeededViews, epoch_batches, steps_per_epoch
+from ropim.harness.data.batching import epoch_batches, steps_per_epoch
+from ropim.harness.data.views import SeededViews
 from ropim.harness.errors import ConfigError, TrainingError
 from ropim.harness.preemption import Preempted, stop_requests
 from ropim.harness.progress import ProgressDisplay
@@ -208,200 +209,285 @@ def train_loop(
     from); a checkpoint made with another one is refused rather than silently continued.
     ``module`` is left in eval mode; the scheduler is built by the caller for
     :func:`LoopResult` ``total_steps`` (see :func:`plan_steps`).
+
+    The steps: resume, open the logs, evaluate the starting point, then per batch: train one
+    step, log the window, evaluate, checkpoint, stop when pre-empted.
     """
-    world, rank = fabric.world_size, fabric.global_rank
-    per_epoch, total = plan_steps(len(views), plan, world)
-    checkpoints = CheckpointDir(out_dir, plan.keep_checkpoints)
-    model, optimizer = fabric.setup(module, optimizer)
-    state: dict[str, Any] = {"optimizer": optimizer, "scheduler": scheduler}
-    progress, history = Progress(), []
-    latest = checkpoints.latest()
-    resume_changes: list[str] = []
-    if latest is not None:
-        fresh_schedule = scheduler.state_dict()
-        rest = checkpoints.load(fabric, latest, module, state, signature)
-        saved = json.loads(rest.get("fingerprint", "null"))
-        if saved is not None and saved != fingerprint:
-            changes = _differences(saved, fingerprint)
-            allowed = [c for c in changes if c.split(":")[0] in plan.resume_may_change]
-            refused = [c for c in changes if c not in allowed]
-            if refused:
-                may = ", ".join(plan.resume_may_change) or "none"
-                raise ConfigError(
-                    f"{latest} was trained with other settings ({'; '.join(refused[:5])}); "
-                    f"delete {checkpoints.root} to start afresh, or restore the settings "
-                    f"(a resume may change: {may})"
-                )
-            # The schedule is a function of the step: rebuild it from the new settings.
-            scheduler.load_state_dict(fresh_schedule)
-            resume_changes = allowed
-            fabric.print(f"{plan.desc}: resuming with {'; '.join(allowed)}")
-        progress = Progress(
-            rest["step"], rest["images_seen"], rest["train_time_s"], rest["stopped_by"]
+    run = _LoopRun(fabric, module, optimizer, scheduler, views, plan, hooks, out_dir)
+    run.resume(signature, fingerprint)
+    run.open_logs()
+    if hooks.evaluate is not None and hooks.evaluate_every and run.progress.step == 0:
+        run.evaluate()  # the curve's starting point: the encoder before any training step
+    with stop_requests() as requests:
+        run.model.train()
+        while not run.finished():
+            for batch in run.epoch_batches():
+                run.train_step(batch)
+                last = run.finished()
+                if run.progress.step % plan.log_every == 0 or last:
+                    run.log_window()
+                every = hooks.evaluate_every
+                if hooks.evaluate is not None and (
+                    last or (every and run.progress.step % every == 0)
+                ):
+                    run.evaluate()
+                saved = run.progress.step % plan.checkpoint_every == 0 or last
+                if saved:
+                    run.save_checkpoint(signature, fingerprint)
+                for callback in hooks.after_step:
+                    callback(run.progress.step)
+                if last:
+                    break
+                signum = requests.pending(fabric)
+                if signum is not None:  # pre-empted: a checkpoint at this step, then stop
+                    if not saved:
+                        run.save_checkpoint(signature, fingerprint)
+                    run.close()
+                    raise Preempted(signum, run.progress.step, str(run.checkpoints.root))
+    run.close()
+    run.model.eval()
+    return run.result()
+
+
+class _LoopRun:
+    """The state of one :func:`train_loop` call and its named steps. Training time counts in
+    windows between log rows; evaluation and checkpoint I/O are paused out of it."""
+
+    def __init__(
+        self,
+        fabric: Any,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        views: SeededViews,
+        plan: LoopPlan,
+        hooks: Hooks,
+        out_dir: Path,
+    ) -> None:
+        self.fabric, self.module, self.views, self.plan, self.hooks = (
+            fabric, module, views, plan, hooks,
+        )  # fmt: skip
+        self.world, self.rank = fabric.world_size, fabric.global_rank
+        self.per_epoch, self.total = plan_steps(len(views), plan, self.world)
+        self.out_dir = out_dir
+        self.checkpoints = CheckpointDir(out_dir, plan.keep_checkpoints)
+        self.model, self.optimizer = fabric.setup(module, optimizer)
+        self.scheduler = scheduler
+        self.state: dict[str, Any] = {"optimizer": self.optimizer, "scheduler": scheduler}
+        self.progress, self.history = Progress(), []
+        self.resume_changes: list[str] = []
+        self.resumed_from = 0
+        self.global_batch = plan.batch_size * self.world
+        self.window: dict[str, Tensor] = {}
+        self.window_steps = 0
+        self.window_start = time.perf_counter()
+
+    def resume(self, signature: dict[str, str], fingerprint: dict[str, Any]) -> None:
+        """Continue from the newest checkpoint, refusing one made with other settings than
+        those the plan lets a resume change."""
+        latest = self.checkpoints.latest()
+        if latest is not None:
+            plan = self.plan
+            fresh_schedule = self.scheduler.state_dict()
+            rest = self.checkpoints.load(self.fabric, latest, self.module, self.state, signature)
+            saved = json.loads(rest.get("fingerprint", "null"))
+            if saved is not None and saved != fingerprint:
+                changes = _differences(saved, fingerprint)
+                allowed = [c for c in changes if c.split(":")[0] in plan.resume_may_change]
+                refused = [c for c in changes if c not in allowed]
+                if refused:
+                    may = ", ".join(plan.resume_may_change) or "none"
+                    raise ConfigError(
+                        f"{latest} was trained with other settings ({'; '.join(refused[:5])}); "
+                        f"delete {self.checkpoints.root} to start afresh, or restore the "
+                        f"settings (a resume may change: {may})"
+                    )
+                # The schedule is a function of the step: rebuild it from the new settings.
+                self.scheduler.load_state_dict(fresh_schedule)
+                self.resume_changes = allowed
+                self.fabric.print(f"{plan.desc}: resuming with {'; '.join(allowed)}")
+            self.progress = Progress(
+                rest["step"], rest["images_seen"], rest["train_time_s"], rest["stopped_by"]
+            )
+            self.history = rest.get("history", [])
+            self.fabric.print(f"{plan.desc}: resuming from step {self.progress.step} ({latest})")
+        self.resumed_from = self.progress.step
+
+    def open_logs(self) -> None:
+        """The CSVs (cut back to the resumed step), the tracker and the progress display."""
+        step = self.progress.step
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.out_dir / "metrics.csv")
+        self.evaluations = MetricsLog(self.out_dir / "evaluations.csv")
+        self.tracker = (
+            Tracker(self.out_dir, self.plan.tracking, self.plan.desc, step)
+            if self.rank == 0
+            else None
         )
-        history = rest.get("history", [])
-        fabric.print(f"{plan.desc}: resuming from step {progress.step} ({latest})")
-    resumed_from = progress.step
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out_dir / "metrics.csv")
-    evaluations = MetricsLog(out_dir / "evaluations.csv")
-    tracker = Tracker(out_dir, plan.tracking, plan.desc, progress.step) if rank == 0 else None
-    if rank == 0:
-        metrics.truncate_after(progress.step)
-        # From step 0 the step-0 evaluation runs again below: keep none of the old rows.
-        evaluations.truncate_after(progress.step if progress.step else -1)
-    fabric.barrier()
+        if self.rank == 0:
+            self.metrics.truncate_after(step)
+            # From step 0 the step-0 evaluation runs again: keep none of the old rows.
+            self.evaluations.truncate_after(step if step else -1)
+        self.fabric.barrier()
+        self.step_fn = TrainStep(
+            self.fabric, self.model, self.optimizer, self.hooks.loss, self.plan.seed,
+            self.plan.clip_grad,
+        )  # fmt: skip
+        self.display = ProgressDisplay(self.total, step, self.plan.desc, self.rank == 0)
+        self.window_start = time.perf_counter()
 
-    step_fn = TrainStep(fabric, model, optimizer, hooks.loss, plan.seed, plan.clip_grad)
-    per_device, global_batch = plan.batch_size, plan.batch_size * world
-    display = ProgressDisplay(total, progress.step, plan.desc, rank == 0)
-    budget_s = plan.time_budget_s
-    window: dict[str, Tensor] = {}
-    window_steps = 0
-    window_start = time.perf_counter()
+    def running_time(self) -> float:
+        return self.progress.train_time_s + time.perf_counter() - self.window_start
 
-    def running_time() -> float:
-        return progress.train_time_s + time.perf_counter() - window_start
+    def out_of_time(self) -> bool:
+        budget = self.plan.time_budget_s
+        return budget is not None and self.running_time() >= budget
 
-    def run_evaluation() -> None:
-        trained_s = running_time()  # the evaluation's own time is not training
-        model.eval()
+    def finished(self) -> bool:
+        return self.progress.step >= self.total or self.progress.stopped_by == "time_budget"
+
+    def epoch_batches(self) -> Any:
+        """The rest of the current epoch's batches for this rank (seeded, so a resumed run
+        sees the very batches it would have seen)."""
+        epoch, start_batch = divmod(self.progress.step, self.per_epoch)
+        self.views.set_epoch(epoch)
+        batches = epoch_batches(
+            len(self.views),
+            self.plan.batch_size,
+            seed=self.plan.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world_size=self.world,
+            start_batch=start_batch,
+        )
+        loader = DataLoader(
+            self.views,
+            batch_sampler=batches[: self.total - self.progress.step],
+            num_workers=self.plan.num_workers,
+            collate_fn=self.plan.collate,
+            pin_memory=self.fabric.device.type == "cuda",
+        )
+        return self.fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+
+    def train_step(self, batch: Any) -> None:
+        """One optimiser step at the scheduled lr; a non-finite loss stops with advice."""
+        progress, plan = self.progress, self.plan
+        position = schedule_position(
+            progress.step, self.total, plan.time_budget_s, self.running_time()
+        )
+        self.scheduler.step_update(position)
+        try:
+            loss, terms = self.step_fn(batch, progress.step)
+        except NonFiniteStep as bad:
+            self.display.close()
+            raise self._non_finite(bad) from None
+        progress.step += 1
+        progress.images_seen += self.global_batch
+        for name, value in {"loss": loss, **terms}.items():
+            self.window[name] = self.window.get(name, 0.0) + value.float()
+        self.window_steps += 1
+        if plan.keep_history:
+            self.history.append({name: float(v) for name, v in {"loss": loss, **terms}.items()})
+        self.display.advance()
+        if self.out_of_time():
+            progress.stopped_by = "time_budget"
+
+    def _non_finite(self, bad: NonFiniteStep) -> TrainingError:
+        plan = self.plan
+        kept = self.checkpoints.latest()
+        where = f"{kept.name}, finite" if kept else "none yet"
+        advice = (
+            f"resume with a lower learning rate ({', '.join(plan.resume_may_change)})"
+            if plan.resume_may_change and kept
+            else "start again with a lower learning rate"
+        )
+        if plan.clip_grad is None:
+            advice += " or with gradient clipping"
+        return TrainingError(
+            f"{plan.desc}: the loss or its gradient is not finite at step {bad.step} "
+            f"(loss {bad.loss}); nothing of that step was applied or saved (last "
+            f"checkpoint: {where}, in {self.checkpoints.root}): {advice}"
+        )
+
+    def log_window(self) -> None:
+        """Mean loss terms over the window (all ranks), throughput and lr: one metrics row."""
+        means = {
+            name: float(self.fabric.all_reduce(value / self.window_steps, reduce_op="mean"))
+            for name, value in self.window.items()
+        }
+        now = time.perf_counter()
+        elapsed = now - self.window_start
+        self.progress.train_time_s += elapsed
+        throughput = self.window_steps * self.global_batch / max(elapsed, 1e-9)
+        lr = self.optimizer.param_groups[-1]["lr"]
+        self.display.report(means["loss"], lr, throughput)
+        if self.tracker is not None:
+            step = self.progress.step
+            row = (
+                {"step": step, "epoch": round(step / self.per_epoch, 4)}
+                | means
+                | {
+                    "lr": lr,
+                    "images_per_s": round(throughput, 2),
+                    "elapsed_s": round(self.progress.train_time_s, 3),
+                }
+            )
+            self.metrics.append(row)
+            self.tracker.log("train", row, step)
+        self.window, self.window_steps = {}, 0
+        self.window_start = time.perf_counter()
+
+    def evaluate(self) -> None:
+        """The evaluation hook in eval mode, one ``evaluations.csv`` row; not training time."""
+        pause = time.perf_counter()
+        trained_s = self.running_time()
+        step = self.progress.step
+        self.model.eval()
         with torch.no_grad():
-            scores = hooks.evaluate(model, progress.step)  # type: ignore[misc]
-        model.train()
-        if tracker is not None:
+            scores = self.hooks.evaluate(self.model, step)  # type: ignore[misc]
+        self.model.train()
+        if self.tracker is not None:
             row = {
-                "step": progress.step,
-                "epoch": round(progress.step / per_epoch, 4),
+                "step": step,
+                "epoch": round(step / self.per_epoch, 4),
                 "train_seconds": round(trained_s, 3),
             } | scores
-            evaluations.append(row)
-            tracker.log("eval", row, progress.step)
+            self.evaluations.append(row)
+            self.tracker.log("eval", row, step)
+        self.window_start += time.perf_counter() - pause
 
-    if hooks.evaluate is not None and hooks.evaluate_every and progress.step == 0:
-        window_start = time.perf_counter()
-        run_evaluation()  # the curve's starting point: the encoder before any training step
-        window_start = time.perf_counter()
-
-    def save_checkpoint() -> None:
+    def save_checkpoint(self, signature: dict[str, str], fingerprint: dict[str, Any]) -> None:
+        """Weights, optimiser, schedule and progress at this step; not training time."""
+        pause = time.perf_counter()
+        progress = self.progress
         extra = {
             "step": progress.step,
             "images_seen": progress.images_seen,
             "train_time_s": progress.train_time_s,
             "stopped_by": progress.stopped_by,
             "fingerprint": json.dumps(fingerprint, sort_keys=True, default=str),
-            "history": history,
+            "history": self.history,
         }
-        checkpoints.save(fabric, progress.step, module, state | extra, signature)
+        self.checkpoints.save(
+            self.fabric, progress.step, self.module, self.state | extra, signature
+        )
+        self.window_start += time.perf_counter() - pause
 
-    with stop_requests() as requests:
-        model.train()
-        while progress.step < total and progress.stopped_by != "time_budget":
-            epoch, start_batch = divmod(progress.step, per_epoch)
-            views.set_epoch(epoch)
-            batches = epoch_batches(
-                len(views),
-                per_device,
-                seed=plan.seed,
-                epoch=epoch,
-                rank=rank,
-                world_size=world,
-                start_batch=start_batch,
-            )
-            loader = DataLoader(
-                views,
-                batch_sampler=batches[: total - progress.step],
-                num_workers=plan.num_workers,
-                collate_fn=plan.collate,
-                pin_memory=fabric.device.type == "cuda",
-            )
-            for batch in fabric.setup_dataloaders(loader, use_distributed_sampler=False):
-                position = schedule_position(progress.step, total, budget_s, running_time())
-                scheduler.step_update(position)
-                try:
-                    loss, terms = step_fn(batch, progress.step)
-                except NonFiniteStep as bad:
-                    display.close()
-                    kept = checkpoints.latest()
-                    where = f"{kept.name}, finite" if kept else "none yet"
-                    advice = (
-                        f"resume with a lower learning rate ({', '.join(plan.resume_may_change)})"
-                        if plan.resume_may_change and kept
-                        else "start again with a lower learning rate"
-                    )
-                    if plan.clip_grad is None:
-                        advice += " or with gradient clipping"
-                    raise TrainingError(
-                        f"{plan.desc}: the loss or its gradient is not finite at step {bad.step} "
-                        f"(loss {bad.loss}); nothing of that step was applied or saved (last "
-                        f"checkpoint: {where}, in {checkpoints.root}): {advice}"
-                    ) from None
-                progress.step += 1
-                progress.images_seen += global_batch
-                for name, value in {"loss": loss, **terms}.items():
-                    window[name] = window.get(name, 0.0) + value.float()
-                window_steps += 1
-                if plan.keep_history:
-                    history.append({name: float(v) for name, v in {"loss": loss, **terms}.items()})
-                display.advance()
-                out_of_time = budget_s is not None and running_time() >= budget_s
-                if out_of_time:
-                    progress.stopped_by = "time_budget"
-                last = progress.step >= total or out_of_time
-                if progress.step % plan.log_every == 0 or last:
-                    means = {
-                        name: float(fabric.all_reduce(value / window_steps, reduce_op="mean"))
-                        for name, value in window.items()
-                    }
-                    now = time.perf_counter()
-                    elapsed = now - window_start
-                    progress.train_time_s += elapsed
-                    throughput = window_steps * global_batch / max(elapsed, 1e-9)
-                    lr = optimizer.param_groups[-1]["lr"]
-                    display.report(means["loss"], lr, throughput)
-                    if tracker is not None:
-                        row = (
-                            {"step": progress.step, "epoch": round(progress.step / per_epoch, 4)}
-                            | means
-                            | {
-                                "lr": lr,
-                                "images_per_s": round(throughput, 2),
-                                "elapsed_s": round(progress.train_time_s, 3),
-                            }
-                        )
-                        metrics.append(row)
-                        tracker.log("train", row, progress.step)
-                    window, window_steps = {}, 0
-                    window_start = time.perf_counter()
-                evaluate_now = hooks.evaluate is not None and (
-                    last or (hooks.evaluate_every and progress.step % hooks.evaluate_every == 0)
-                )
-                if evaluate_now:
-                    pause = time.perf_counter()
-                    run_evaluation()
-                    window_start += time.perf_counter() - pause  # evaluation is not training
-                saved = progress.step % plan.checkpoint_every == 0 or last
-                if saved:
-                    pause = time.perf_counter()
-                    save_checkpoint()
-                    window_start += time.perf_counter() - pause  # checkpoint I/O is not training
-                for callback in hooks.after_step:
-                    callback(progress.step)
-                if last:
-                    break
-                signum = requests.pending(fabric)
-                if signum is not None:  # pre-empted: a checkpoint at this step, then stop
-                    if not saved:
-                        save_checkpoint()
-                    display.close()
-                    if tracker is not None:
-                        tracker.close()
-                    raise Preempted(signum, progress.step, str(checkpoints.root))
-    display.close()
-    if tracker is not None:
-        tracker.close()
-    model.eval()
-    return LoopResult(model, progress, per_epoch, total, history, resume_changes, resumed_from)
+    def close(self) -> None:
+        self.display.close()
+        if self.tracker is not None:
+            self.tracker.close()
+
+    def result(self) -> LoopResult:
+        return LoopResult(
+            self.model,
+            self.progress,
+            self.per_epoch,
+            self.total,
+            self.history,
+            self.resume_changes,
+            self.resumed_from,
+        )
 
 
 def plan_steps(num_items: int, plan: LoopPlan, world_size: int) -> tuple[int, int]:

@@ -17,18 +17,13 @@ from typing import Any
 import torch
 from lightning_fabric import Fabric
 from torch import Tensor, nn
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from ropim.harness.checkpoint import CheckpointDir
 from ropim.harness.config import Config, save_config
-from ropim.harness.data import (
-    SeededViews,
-    dataset_stats,
-    eval_transform,
-    load_images,
-    pretrain_views,
-    skipped_images,
-)
+from ropim.harness.data.datasets import dataset_stats, load_images, skipped_images
+from ropim.harness.data.transforms import eval_transform
+from ropim.harness.data.views import SeededViews, pretrain_views
 from ropim.harness.errors import ConfigError
 from ropim.harness.fast_views import BatchNormalizer
 from ropim.harness.knn import knn_accuracy
@@ -211,6 +206,21 @@ def set_up_pretraining(cfg: Config, method_dirs: tuple[str | Path, ...] = ()) ->
     )
 
 
+class RunImages:
+    """The images of one run, each split loaded once and shared by the training views, the
+    k-NN monitor, the reconstruction figure and the probe."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.data = cfg.data
+        self._loaded: dict[str, Dataset] = {}
+
+    def split(self, name: str | None = None) -> Dataset:
+        name = name or self.data.split
+        if name not in self._loaded:
+            self._loaded[name] = load_images(self.data, name)
+        return self._loaded[name]
+
+
 def pretrain(
     cfg: Config,
     *,
@@ -219,84 +229,31 @@ def pretrain(
     after_step: Sequence[Callable[[int], None]] = (),
 ) -> Path:
     """Pre-train ``cfg.method`` on ``cfg.data``; returns the run directory. ``after_step``
-    callbacks run after every step (tests use one to simulate a crash)."""
+    callbacks run after every step (tests use one to simulate a crash).
+
+    The steps: set the method up, check the folder, load the data, plan the loop, record the
+    start, train, record the end, then the figure and the optional probe."""
     started = time.perf_counter()
     setup = set_up_pretraining(cfg, method_dirs)
     fabric, method, settings = setup.fabric, setup.method, setup.settings
-    rank0 = fabric.global_rank == 0
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    if CheckpointDir(run_dir).latest() is not None and not resume:
-        raise ConfigError(
-            f"{run_dir} already holds checkpoints; pass --resume to continue it, "
-            f"or choose a new run.name"
-        )
-    views = pretrain_views(cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.run.seed)
-    skipped = skipped_images(views.images)
-    if skipped:
-        fabric.print(
-            f"data.on_bad_image=skip: left out {len(skipped)} unreadable image(s), e.g. "
-            f"{skipped[0]} (all listed in run.json)"
-        )
-    train_cfg = cfg.train
-    plan = LoopPlan(
-        steps=None,
-        epochs=train_cfg.epochs,
-        batch_size=train_cfg.batch_size,
-        seed=cfg.run.seed,
-        log_every=train_cfg.log_every,
-        checkpoint_every=train_cfg.checkpoint_every,
-        keep_checkpoints=train_cfg.keep_checkpoints,
-        num_workers=cfg.data.num_workers,
-        clip_grad=settings.clip_grad,
-        time_budget_s=train_cfg.time_budget_s,
-        desc=f"{method.name} pre-train",
-        resume_may_change=LR_KEYS,
-        tracking=cfg.log,
+    _refuse_overwrite(run_dir, resume)
+    images = RunImages(cfg)
+    views = pretrain_views(
+        cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.run.seed, images.split()
     )
+    plan = _loop_plan(cfg, setup)
+    per_epoch, total_steps = plan_steps(len(views), plan, fabric.world_size)
+    warmup_steps = round(settings.warmup_epochs * per_epoch)
+    scheduler = pretrain_scheduler(setup.optimizer, settings, total_steps, warmup_steps)
     world = fabric.world_size
-    per_epoch, total_steps = plan_steps(len(views), plan, world)
-    scheduler = pretrain_scheduler(
-        setup.optimizer, settings, total_steps, round(settings.warmup_epochs * per_epoch)
-    )
-    fabric.print(recipe_line(method.name, settings, train_cfg.epochs, total_steps, world))
-    signature = method.signature()
-    record: dict[str, Any] = {
-        "status": "running",
-        "run_name": cfg.run.name,
-        "seed": cfg.run.seed,
-        "method": method.settings,
-        "recipe": method.recipe.as_dict(),
-        "optim": settings.as_dict(),
-        "resolved": setup.card.as_dict(),
-        "architecture": signature,
-        "dataset": {
-            "name": cfg.data.dataset,
-            "root": cfg.data.root,
-            "images": len(views),
-            "skipped_images": skipped,
-            "skipped_count": len(skipped),
-        },
-        "world_size": world,
-        "precision": resolve_device(train_cfg.accelerator, train_cfg.precision)[1],
-        "device": str(fabric.device),
-        "steps_per_epoch": per_epoch,
-        "total_steps": total_steps,
-        "code": code_version(),
-        "libraries": library_versions(),
-        "hardware": hardware(),
-        "started_at": datetime.now(timezone.utc).isoformat(),
-        "resume_changes": _earlier_resume_changes(run_dir) if resume else [],
-    }
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        write_json(run_dir / "run.json", record)
-    fabric.barrier()
-
+    fabric.print(recipe_line(method.name, settings, cfg.train.epochs, total_steps, world))
+    record = _start_record(cfg, setup, views, per_epoch, total_steps, run_dir, resume)
     monitor_every = round(cfg.probe.knn_every * per_epoch)
+    monitor = knn_monitor(cfg, method, fabric.device, images)
     hooks = Hooks(
         loss=setup.step_loss(cfg.run.seed),
-        evaluate=knn_monitor(cfg, method, fabric.device) if monitor_every else None,
+        evaluate=monitor if monitor_every else None,
         evaluate_every=monitor_every,
         after_step=after_step,
     )
@@ -309,67 +266,166 @@ def pretrain(
         plan,
         hooks,
         run_dir,
-        signature,
+        record["architecture"],
         fingerprint=resume_fingerprint(cfg),
     )
+    _finish_record(record, cfg, setup, result, per_epoch)
+    if fabric.global_rank == 0:
+        _after_training(cfg, setup, images, record, run_dir)
+        record["wall_time_s"] = time.perf_counter() - started
+        write_json(run_dir / "run.json", record)
+        fabric.print(
+            f"done: {record['steps']} steps, {record['images_per_s']:.1f} images/s, train "
+            f"{record['train_time_s']:.0f}s, wall {record['wall_time_s']:.0f}s -> {run_dir}"
+        )
+    fabric.barrier()
+    return run_dir
+
+
+def _refuse_overwrite(run_dir: Path, resume: bool) -> None:
+    if CheckpointDir(run_dir).latest() is not None and not resume:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints; pass --resume to continue it, "
+            f"or choose a new run.name"
+        )
+
+
+def _loop_plan(cfg: Config, setup: Pretraining) -> LoopPlan:
+    train_cfg = cfg.train
+    return LoopPlan(
+        steps=None,
+        epochs=train_cfg.epochs,
+        batch_size=train_cfg.batch_size,
+        seed=cfg.run.seed,
+        log_every=train_cfg.log_every,
+        checkpoint_every=train_cfg.checkpoint_every,
+        keep_checkpoints=train_cfg.keep_checkpoints,
+        num_workers=cfg.data.num_workers,
+        clip_grad=setup.settings.clip_grad,
+        time_budget_s=train_cfg.time_budget_s,
+        desc=f"{setup.method.name} pre-train",
+        resume_may_change=LR_KEYS,
+        tracking=cfg.log,
+    )
+
+
+def _start_record(
+    cfg: Config,
+    setup: Pretraining,
+    views: Dataset,
+    per_epoch: int,
+    total_steps: int,
+    run_dir: Path,
+    resume: bool,
+) -> dict[str, Any]:
+    """``run.json`` as the run starts (status running), and ``config.yaml``, written by rank 0:
+    what a crashed run leaves behind says what it was."""
+    fabric, method = setup.fabric, setup.method
+    skipped = skipped_images(views.images)  # type: ignore[attr-defined]
+    if skipped:
+        fabric.print(
+            f"data.on_bad_image=skip: left out {len(skipped)} unreadable image(s), e.g. "
+            f"{skipped[0]} (all listed in run.json)"
+        )
+    train_cfg = cfg.train
+    record: dict[str, Any] = {
+        "status": "running",
+        "run_name": cfg.run.name,
+        "seed": cfg.run.seed,
+        "method": method.settings,
+        "recipe": method.recipe.as_dict(),
+        "optim": setup.settings.as_dict(),
+        "resolved": setup.card.as_dict(),
+        "architecture": method.signature(),
+        "dataset": {
+            "name": cfg.data.dataset,
+            "root": cfg.data.root,
+            "images": len(views),
+            "skipped_images": skipped,
+            "skipped_count": len(skipped),
+        },
+        "world_size": fabric.world_size,
+        "precision": resolve_device(train_cfg.accelerator, train_cfg.precision)[1],
+        "device": str(fabric.device),
+        "steps_per_epoch": per_epoch,
+        "total_steps": total_steps,
+        "code": code_version(),
+        "libraries": library_versions(),
+        "hardware": hardware(),
+        "started_at": datetime.now(timezone.utc).isoformat(),
+        "resume_changes": _earlier_resume_changes(run_dir) if resume else [],
+    }
+    if fabric.global_rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        write_json(run_dir / "run.json", record)
+    fabric.barrier()
+    return record
+
+
+def _finish_record(
+    record: dict[str, Any], cfg: Config, setup: Pretraining, result: Any, per_epoch: int
+) -> None:
+    """What the loop did: steps, epochs, why it stopped, throughput, weight digests per rank."""
     progress = result.progress
-    digests = gather(weights_digest(method))
     record.update(
         status="finished",
         finished_at=datetime.now(timezone.utc).isoformat(),
         steps=progress.step,
         epochs_completed=progress.step / per_epoch,
         budget={
-            "epochs": train_cfg.epochs,
-            "time_budget_s": train_cfg.time_budget_s,
+            "epochs": cfg.train.epochs,
+            "time_budget_s": cfg.train.time_budget_s,
             "stopped_by": progress.stopped_by,
         },
         images_seen=progress.images_seen,
         train_time_s=progress.train_time_s,
         images_per_s=progress.images_seen / max(progress.train_time_s, 1e-9),
-        weights_sha256_per_rank=digests,
+        weights_sha256_per_rank=gather(weights_digest(setup.method)),
     )
     if result.resume_changes:
         record["resume_changes"].append(
             {"from_step": result.resumed_from, "changes": result.resume_changes}
         )
-    if rank0:
-        if cfg.train.reconstruction_images:
-            try:  # a figure: a method whose prediction is not pixels may not draw one
-                _write_reconstructions(cfg, method, fabric.device, run_dir)
-            except Exception as exc:  # noqa: BLE001 - never fail a finished run on its figure
-                note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-                record["reconstructions"] = f"skipped ({note})"
-                fabric.print(
-                    f"note: reconstructions.png skipped: {method.name}'s reconstruct hook could "
-                    f"not draw its prediction ({note}); override reconstruct() (docs/methods.md)"
-                )
-        if cfg.probe.enabled:
-            record["probe"] = _run_probe(cfg, method, fabric)
-        record["wall_time_s"] = time.perf_counter() - started
-        write_json(run_dir / "run.json", record)
-        fabric.print(
-            f"done: {progress.step} steps, {record['images_per_s']:.1f} images/s, "
-            f"train {progress.train_time_s:.0f}s, wall {record['wall_time_s']:.0f}s -> {run_dir}"
-        )
-    fabric.barrier()
-    return run_dir
 
 
-def knn_monitor(cfg: Config, method: MaskingMethod, device: torch.device):
+def _after_training(
+    cfg: Config, setup: Pretraining, images: RunImages, record: dict[str, Any], run_dir: Path
+) -> None:
+    """Rank 0: the reconstruction figure (skipped with a note, never a failed run) and the
+    optional probe."""
+    fabric, method = setup.fabric, setup.method
+    if cfg.train.reconstruction_images:
+        try:  # a figure: a method whose prediction is not pixels may not draw one
+            _write_reconstructions(cfg, method, fabric.device, run_dir, images.split())
+        except Exception as exc:  # noqa: BLE001 - never fail a finished run on its figure
+            note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            record["reconstructions"] = f"skipped ({note})"
+            fabric.print(
+                f"note: reconstructions.png skipped: {method.name}'s reconstruct hook could "
+                f"not draw its prediction ({note}); override reconstruct() (docs/methods.md)"
+            )
+    if cfg.probe.enabled:
+        record["probe"] = _run_probe(cfg, method, fabric, images)
+
+
+def knn_monitor(cfg: Config, method: MaskingMethod, device: torch.device, images: RunImages):
     """k-NN top-1 of the encoder's features on the val split against a fixed subset of the
     train split (evaluation views): the learning curve of a pre-training run, written to
     ``evaluations.csv`` every ``probe.knn_every`` epochs. Draws no randomness, so the run's
-    weights are the same with or without it."""
+    weights are the same with or without it. The splits load when first evaluated."""
     transform = eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans)
-    train_images = load_images(cfg.data, "train")
-    if len(train_images) > cfg.probe.knn_train_images:
-        keep = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))
-        train_images = Subset(train_images, keep[: cfg.probe.knn_train_images].sort().values)
-    train_set = SeededViews(train_images, transform, cfg.run.seed)
-    val_set = SeededViews(load_images(cfg.data, "val"), transform, cfg.run.seed)
+
+    def splits() -> tuple[Dataset, Dataset]:
+        train_images = images.split("train")
+        if len(train_images) > cfg.probe.knn_train_images:
+            keep = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))
+            train_images = Subset(train_images, keep[: cfg.probe.knn_train_images].sort().values)
+        train_set = SeededViews(train_images, transform, cfg.run.seed)
+        return train_set, SeededViews(images.split("val"), transform, cfg.run.seed)
 
     def evaluate(model: nn.Module, step: int) -> dict[str, float]:
+        train_set, val_set = splits()
         train_x, train_y = extract_features(method.backbone, train_set, device)
         val_x, val_y = extract_features(method.backbone, val_set, device)
         classes = int(max(train_y.max(), val_y.max())) + 1
@@ -389,9 +445,8 @@ def knn_monitor(cfg: Config, method: MaskingMethod, device: torch.device):
 
 
 def _write_reconstructions(
-    cfg: Config, method: MaskingMethod, device: torch.device, run_dir: Path
+    cfg: Config, method: MaskingMethod, device: torch.device, run_dir: Path, images: Dataset
 ) -> None:
-    images = load_images(cfg.data)
     transform = eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans)
     count = min(cfg.train.reconstruction_images, len(images))
     spread = torch.linspace(0, len(images) - 1, count).long().tolist()  # not just one class
@@ -401,10 +456,12 @@ def _write_reconstructions(
     save_reconstructions(method, batch, run_dir / "reconstructions.png", mean, std, generator)
 
 
-def _run_probe(cfg: Config, method: MaskingMethod, fabric: Fabric) -> dict[str, Any]:
+def _run_probe(
+    cfg: Config, method: MaskingMethod, fabric: Fabric, images: RunImages
+) -> dict[str, Any]:
     transform = eval_transform(cfg.data, cfg.model.img_size, cfg.model.in_chans)
-    train_set = SeededViews(load_images(cfg.data, "train"), transform, cfg.run.seed)
-    val_set = SeededViews(load_images(cfg.data, "val"), transform, cfg.run.seed)
+    train_set = SeededViews(images.split("train"), transform, cfg.run.seed)
+    val_set = SeededViews(images.split("val"), transform, cfg.run.seed)
     device = fabric.device
     pretrained = probe_accuracy(method.backbone, train_set, val_set, device, cfg.probe.max_iter)
     random_init = probe_accuracy(
