@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from ropim.harness.config import Config
-from ropim.harness.data import load_images, pretrain_views
+from ropim.harness.data.datasets import load_images
+from ropim.harness.data.views import pretrain_views
 from ropim.harness.loop import TrainStep
 from ropim.harness.optim import pretrain_scheduler
 from ropim.harness.pretrain import Pretraining, pretrain, set_up_pretraining

@@ -44,6 +44,7 @@ COMPARE_KEYS = {
     "random_init",
     "force_shared",
     "tasks",
+    "left_out",
     "mode",
 }
 # identical_budget: one shared budget (the headline). published_recipe: each method at its own
@@ -146,14 +147,26 @@ class PlannedRun:
         return f"{self.method}_seed{self.seed}"
 
 
+def read_comparison(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A comparison config as a mapping: base presets merged, overrides applied."""
+    raw = read_yaml(path)
+    if not raw:
+        raise ConfigError(f"comparison config {path} is empty")
+    return apply_overrides(raw, list(overrides or []))
+
+
 def plan_comparison(
     path: str | Path, overrides: list[str] | None = None, methods: list[str] | None = None
 ) -> list[PlannedRun]:
     """Expand a comparison config into one config per (method, seed), budget-checked."""
-    raw = read_yaml(path)
-    if not raw:
-        raise ConfigError(f"comparison config {path} is empty")
-    raw = apply_overrides(raw, list(overrides or []))
+    return plan_runs(read_comparison(path, overrides), path, methods)
+
+
+def plan_runs(
+    raw: dict[str, Any], path: str | Path, methods: list[str] | None = None
+) -> list[PlannedRun]:
+    """:func:`plan_comparison` of a mapping already read (``path`` names it in errors)."""
+    raw = copy.deepcopy(raw)
     section = raw.pop("compare", None)
     for task in all_tasks():  # task sections: read after pre-training, not by it
         raw.pop(task.name, None)
@@ -170,7 +183,8 @@ def plan_comparison(
     own_sections = {"method", "train", "model", "data"} if published else {"method", "train"}
     _check_recipe_owned(raw, section.get("force_shared", []), path)
     seeds = section.get("seeds") or [raw.get("run", {}).get("seed", 0)]
-    chosen = methods or list(section["methods"])
+    floor = bool(section.get("random_init")) and (not methods or RANDOM_INIT in methods)
+    chosen = [m for m in methods if m != RANDOM_INIT] if methods else list(section["methods"])
     missing = [m for m in chosen if m not in section["methods"]]
     if missing:
         raise ConfigError(f"method {missing[0]!r} is not listed under compare.methods in {path}")
@@ -203,7 +217,7 @@ def plan_comparison(
             run_raw["run"]["output_dir"] = str(output)
             config = load_config_dict(run_raw, f"{path} ({method}, seed {seed})")
             planned.append(PlannedRun(method, seed, config, given=given_keys(run_raw)))
-    if section.get("random_init") and not methods:
+    if floor:  # --methods random_init selects the floor alone
         for seed in seeds:  # the same encoder every method starts from, with no pre-training
             run_raw = copy.deepcopy(raw)
             run_raw["method"] = {"name": RANDOM_INIT}

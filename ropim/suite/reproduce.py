@@ -22,10 +22,15 @@ import pandas as pd
 
 from downstream.tasks import all_tasks, configured_tasks
 from ropim.harness.claims import WorkUnit, share_work
-from ropim.harness.config import apply_overrides, read_yaml
 from ropim.harness.records import code_version, write_json
 from ropim.harness.tasks import TaskSettings, TaskSpec
-from ropim.suite.compare import check_methods, claims_dir, plan_comparison, run_comparison
+from ropim.suite.compare import (
+    check_methods,
+    claims_dir,
+    plan_runs,
+    read_comparison,
+    run_comparison,
+)
 from ropim.suite.evaluate import evaluate_run
 from ropim.suite.report import probe_protocol, write_report
 from ropim.suite.results import read_results
@@ -38,9 +43,9 @@ def reproduce(
     reports_dir: str | Path = "reports",
     method_dirs: tuple = (),
 ) -> Path:
-    raw = apply_overrides(read_yaml(config_path), list(overrides or []))
+    raw = read_comparison(config_path, overrides)  # read and planned once
     tasks = [(task, task.parse_settings(raw)) for task in configured_tasks(raw)]
-    planned = plan_comparison(config_path, overrides)
+    planned = plan_runs(raw, config_path)
     check_methods(planned, method_dirs)  # every method builds before any trains
     run_dirs = run_comparison(planned, method_dirs)
     units = []
@@ -66,7 +71,7 @@ def reproduce(
         done=lambda: _report_current(claims_dir(planned), results_path, written),
         run=lambda: _write_report(
             claims_dir(planned), results_path, written,
-            lambda: make_report(config_path, overrides, results_path, reports_dir),
+            lambda: report_comparison(raw, planned, config_path, results_path, reports_dir),
         ),
     )  # fmt: skip
     share_work([report], claims_dir(planned), say=lambda _: None)
@@ -117,8 +122,19 @@ def make_report(
     reports_dir: str | Path = "reports",
 ) -> Path:
     """Table and figures of one comparison from the rows collected so far."""
-    raw = apply_overrides(read_yaml(config_path), list(overrides or []))
-    planned = plan_comparison(config_path, overrides)  # checks the compare section
+    raw = read_comparison(config_path, overrides)
+    planned = plan_runs(raw, config_path)  # checks the compare section
+    return report_comparison(raw, planned, config_path, results_path, reports_dir)
+
+
+def report_comparison(
+    raw: dict,
+    planned: list,
+    config_path: str | Path,
+    results_path: str | Path,
+    reports_dir: str | Path,
+) -> Path:
+    """:func:`make_report` of a comparison already read and planned."""
     section = raw["compare"]
     methods = list(dict.fromkeys(p.method for p in planned))
     seeds = sorted({p.seed for p in planned})
@@ -150,9 +166,11 @@ def make_report(
         header += f" Equalised for all methods here (compare.force_shared): {', '.join(forced)}."
     left_out = [t.name for t in all_tasks() if t.name in raw and t not in configured_tasks(raw)]
     if left_out:
+        reasons = section.get("left_out") or {}
+        why = "; ".join(f"{name}: {reasons[name]}" for name in left_out if name in reasons)
         header += (
-            f" Configured but not run in this preset (compare.tasks): {', '.join(left_out)};"
-            f" the preset's comments say why."
+            f" Configured but not run in this preset (compare.tasks): {', '.join(left_out)}"
+            + (f". Why: {why}." if why else "; the preset's comments say why.")
         )
     feature = probe_protocol(raw)["feature"]
     curves = learning_curves(planned)
