@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--config", "-c", required=True, help="a comparison config, e.g. configs/compare_mnist.yaml"
     )
-    comp.add_argument("--methods", help="comma-separated subset of compare.methods")
+    comp.add_argument(
+        "--methods", help="comma-separated subset of compare.methods (random_init: the floor)"
+    )
     comp.add_argument("--dry-run", action="store_true", help="check the budget and list the runs")
     comp.add_argument("--method-dir", action="append", default=[])
     comp.add_argument(
@@ -174,8 +176,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with ``key=value`` overrides accepted anywhere on the line (argparse
+    alone takes positionals only before the first option: ``evaluate RUN --task T k=v``)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+        if overrides != extra or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command == "evaluate":  # its positionals hold run folders and overrides
+            args.runs = [*args.runs, *overrides]
+        else:
+            args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         if getattr(args, "print_config", False):  # the mapping the command would read
             return _print_config(args.config, args.overrides)

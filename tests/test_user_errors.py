@@ -183,3 +183,16 @@ def test_every_command_is_dispatched_from_the_table():
 
     (sub,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
     assert set(COMMANDS) == set(sub.choices)
+
+
+def test_overrides_may_follow_options(tmp_path):
+    from ropim.cli import _parse
+
+    args = _parse(["evaluate", "runs/a", "--task", "classification", "classification.knn.k=5"])
+    assert args.runs == ["runs/a", "classification.knn.k=5"]
+    args = _parse(["pretrain", "train.epochs=1", "--config", "c.yaml", "train.batch_size=8"])
+    assert args.overrides == ["train.epochs=1", "train.batch_size=8"]
+    with pytest.raises(SystemExit):
+        _parse(["pretrain", "--config", "c.yaml", "--nope"])
+    with pytest.raises(SystemExit):
+        _parse(["tasks", "a=b"])  # a command without overrides
