@@ -268,3 +268,33 @@ def test_predictions_from_two_processes_are_gathered_once(tmp_path):
     )
     merged = json.loads(out.read_text())
     assert sorted(r["image_id"] for r in merged) == [1, 2, 3]
+
+
+def test_a_frozen_encoder_keeps_its_weights_while_the_heads_train(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from ropim.harness.checkpoint import WEIGHTS_FILE, CheckpointDir
+
+    overrides = [f"run.output_dir={tmp_path}", "model.patch_size=4", "train.epochs=0.3"]
+    run_dir = pretrain(load_config(TINY_CONFIG, overrides))
+    pretrained = load_file(CheckpointDir(run_dir).latest() / WEIGHTS_FILE)
+    raw = TINY_DETECTION | {"scenes": TINY_DETECTION["scenes"] | {"folder": str(tmp_path)}}
+    raw |= {"architecture": "light", "epochs": 1}
+
+    def blocks_after(freeze: bool) -> dict[str, torch.Tensor]:
+        """The encoder's block weights after a detection fine-tune, by pre-training name."""
+        shutil.rmtree(run_dir / "detection", ignore_errors=True)
+        (run_dir / "detection.json").unlink(missing_ok=True)
+        evaluate("detection", run_dir, raw | {"freeze_encoder": freeze}, tmp_path / "r.csv")
+        trained = load_file(CheckpointDir(run_dir / "detection").latest() / WEIGHTS_FILE)
+        prefix = "detector.backbone.pyramid.backbone."
+        return {
+            k[len(prefix) :]: v for k, v in trained.items() if k.startswith(prefix + "vit.blocks.")
+        }
+
+    frozen = blocks_after(True)
+    assert frozen and all(torch.equal(v, pretrained[f"backbone.{k}"]) for k, v in frozen.items())
+    moved = blocks_after(False)  # the check can fail: a full fine-tune moves the blocks
+    assert any(not torch.equal(v, pretrained[f"backbone.{k}"]) for k, v in moved.items())

@@ -22,7 +22,9 @@ from downstream.classification.lowshot import ProbeHeadInit, fraction_tag, label
 from downstream.classification.settings import ClassificationSettings, settings_for_method
 from downstream.encoder import finetune_fingerprint, load_pretrained_encoder
 from ropim.harness.config import Config
-from ropim.harness.data import SeededViews, eval_transform, load_images, pretrain_transform
+from ropim.harness.data.datasets import load_images
+from ropim.harness.data.transforms import eval_transform, pretrain_transform
+from ropim.harness.data.views import SeededViews
 from ropim.harness.errors import DataError
 from ropim.harness.knn import knn_accuracy
 from ropim.harness.probe import extract_features

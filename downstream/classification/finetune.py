@@ -21,7 +21,9 @@ from downstream.classification.settings import FinetuneSettings
 from ropim.harness.backbone import ViTBackbone
 from ropim.harness.checkpoint import backbone_signature
 from ropim.harness.config import Config
-from ropim.harness.data import SeededViews, dataset_stats, eval_transform, load_images
+from ropim.harness.data.datasets import dataset_stats, load_images
+from ropim.harness.data.transforms import eval_transform
+from ropim.harness.data.views import SeededViews
 from ropim.harness.loop import Hooks, LoopPlan, plan_steps, train_loop
 from ropim.harness.optim import build_scheduler, layer_decay_adamw
 from ropim.harness.runtime import make_fabric

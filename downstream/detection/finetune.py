@@ -29,7 +29,8 @@ from downstream.encoder import (
     load_pretrained_encoder,
 )
 from downstream.scenes import scene_dataset_dir, scenes_folder, spec_of, write_coco_scenes
-from ropim.harness.data import SeededPairs, dataset_stats
+from ropim.harness.data.datasets import dataset_stats
+from ropim.harness.data.views import SeededPairs
 from ropim.harness.loop import Hooks, LoopPlan, train_loop
 from ropim.harness.optim import layer_decay_adamw
 from ropim.harness.progress import tracked
@@ -81,7 +82,8 @@ def finetune_detection(
     root, dataset_name = resolve_data(settings, run_dir)
     train = CocoInstances(root, "train", filter_empty=settings.filter_empty)
     val = CocoInstances(root, "val")
-    encoder, cfg = load_pretrained_encoder(run_dir, drop_path=settings.drop_path)
+    drop_path = 0.0 if settings.freeze_encoder else settings.drop_path
+    encoder, cfg = load_pretrained_encoder(run_dir, drop_path=drop_path)
     seed = cfg.run.seed
     mean, std = dataset_stats(cfg.data)
     torch.manual_seed(derive_seed(seed, "detection-heads"))
@@ -105,6 +107,8 @@ def finetune_detection(
         global_indices=settings.global_blocks,
         box_loss=settings.box_loss,
     )
+    if settings.freeze_encoder:  # the optimiser's groups leave frozen parameters out
+        model.encoder.requires_grad_(False)
     fabric = make_fabric(cfg.train.accelerator, cfg.train.precision)
     optimizer = layer_decay_adamw(
         model,

@@ -57,6 +57,10 @@ class DetectionSettings(TrainingSettings):
     warmup_iters: int = 250
     decay_at: list[float] = field(default_factory=lambda: [0.889, 0.963])  # share of training
     drop_path: float = 0.1
+    # true: the encoder stays at its pre-trained weights (no gradient, no drop path); only the
+    # pyramid and the heads train. A frozen-backbone protocol for small budgets, where a full
+    # fine-tune moves the encoder too little and too noisily to show what pre-training gave.
+    freeze_encoder: bool = False
     # detectron2's L1 (smooth_l1_beta=0: rpn.py:204, fast_rcnn.py:193); smooth_l1: torchvision's
     box_loss: str = "l1"
     architecture: str = "vitdet"  # ViTDet's model; "light": global attention, lighter heads
