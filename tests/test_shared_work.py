@@ -101,7 +101,7 @@ def test_two_reproduce_processes_on_one_folder_do_everything_once(tmp_path):
         sys.executable, "-m", "ropim", "reproduce", "--config", "table2_tiny",
         f"run.output_dir={runs}", "compare.seeds=[0]", "compare.tasks=[classification]",
         "compare.methods={ropim: {method: {ratio: 0.25}}, simmim: {method: {mask_patch_size: 16}}}",
-        "classification.protocols=[knn]",
+        "classification.protocols=[knn]", "compare.left_out={detection: no signal here}",
         "--results", str(results), "--reports", str(tmp_path / "reports"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROPIM_CLAIM_POLL_S": "0.5"}
@@ -134,3 +134,5 @@ def test_two_reproduce_processes_on_one_folder_do_everything_once(tmp_path):
         assert not evaluations["step"].duplicated().any()
     assert all("report: " in out for out in outputs)
     assert not list((folder / ".claims").glob("*.claim"))
+    report = (tmp_path / "reports" / "table2_tiny.md").read_text()
+    assert "(compare.tasks): segmentation, detection. Why: detection: no signal here." in report
