@@ -153,6 +153,10 @@ def run_classification(
                 batch_size=batch,
                 warmup_epochs=warmup,
                 base_lr=low.base_lr or settings.finetune.base_lr,
+                drop_path=_unless_none(low.drop_path, settings.finetune.drop_path),
+                label_smoothing=_unless_none(
+                    low.label_smoothing, settings.finetune.label_smoothing
+                ),
             )
             fresh, _ = load_pretrained_encoder(
                 run_dir, drop_path=recipe.drop_path, per_layer_bias=True
@@ -176,6 +180,10 @@ def run_classification(
                 "labelled_sha256": digest,  # equal for every method at this seed
             }
     return TaskOutcome(measurements, details)
+
+
+def _unless_none(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def probe_transform(cfg: Config, crop_scale: list[float]) -> Any:

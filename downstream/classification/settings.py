@@ -90,6 +90,8 @@ class LowShotSettings:
     epochs: list[float] = field(default_factory=lambda: [60, 30])  # one per fraction
     batch_size: int | None = None  # None: finetune.batch_size (capped at the subset's size)
     base_lr: float | None = None  # None: finetune.base_lr (per lr_batch_divisor images)
+    drop_path: float | None = None  # None: finetune.drop_path
+    label_smoothing: float | None = None  # None: finetune.label_smoothing
     # ImageNet's fixed lists, e.g. {0.01: .../1percent.txt}; unset: seeded stratified draws
     subsets: dict[float, str] = field(default_factory=dict)
     # The head the fine-tune starts from: "fresh" (the published head's init, SimCLR's
