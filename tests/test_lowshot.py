@@ -129,3 +129,26 @@ def test_the_linear_segmentation_probe_trains_on_frozen_features(tmp_path):
     assert linear["last_loss"] < linear["first_loss"]
     with pytest.raises(ConfigError, match="choose one or more of"):
         evaluate("segmentation", run_dir, raw | {"protocols": ["linaer"]}, tmp_path / "r.csv")
+
+
+def test_lowshot_settings_reach_the_fine_tune_recipe(tmp_path, monkeypatch):
+    from downstream.classification import evaluate as classification
+
+    seen = []
+
+    def capture(backbone, cfg, recipe, *args, **kwargs):
+        seen.append((recipe, kwargs.get("init_head")))
+        return {"top1": 0.5, "steps": 1}
+
+    monkeypatch.setattr(classification, "finetune_accuracy", capture)
+    cfg = load_config(TINY_CONFIG, [f"run.output_dir={tmp_path}", "train.epochs=0.2"])
+    run_dir = pretrain(cfg)
+    own = {"fractions": [0.05], "epochs": [3], "head": "probe", "base_lr": 1e-4,
+           "drop_path": 0.0, "label_smoothing": 0.0}  # fmt: skip
+    for lowshot in (own, {"fractions": [0.05], "epochs": [3]}):
+        raw = {"protocols": ["lowshot"], "lowshot": lowshot, "finetune": FINETUNE}
+        evaluate("classification", run_dir, raw, tmp_path / "r.csv")
+    (mine, probe), (default, fresh) = seen
+    assert (mine.base_lr, mine.drop_path, mine.label_smoothing) == (1e-4, 0.0, 0.0)
+    assert isinstance(probe, ProbeHeadInit) and fresh is None
+    assert (default.drop_path, default.label_smoothing) == (0.1, 0.1)  # the fine-tune's
