@@ -145,6 +145,19 @@ def head_accuracy(head: nn.Module, features: Tensor, labels: Tensor) -> float:
     return float((predicted == labels).float().mean())
 
 
+def shuffled_batches(features: Tensor, labels: Tensor, size: int, seed: int) -> EpochBatches:
+    """Cached features in a new seeded order every epoch, ``size`` at a time."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(features), generator=generator).to(features.device)
+        for start in range(0, len(order), size):
+            index = order[start : start + size]
+            yield features[index], labels[index]
+
+    return batches
+
+
 def linear_probe_accuracy(
     train_features: Tensor,
     train_labels: Tensor,
@@ -155,15 +168,8 @@ def linear_probe_accuracy(
     seed: int = 0,
 ) -> float:
     """The probe on features extracted once (the evaluation view, no augmentation)."""
-    generator = torch.Generator().manual_seed(seed)
     size = recipe.batch_size
-
-    def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        order = torch.randperm(len(train_features), generator=generator)
-        for start in range(0, len(order), size):
-            index = order[start : start + size]
-            yield train_features[index], train_labels[index]
-
+    batches = shuffled_batches(train_features, train_labels, size, seed)
     per_epoch = max(1, math.ceil(len(train_features) / size))
     head = train_linear_head(batches, train_features.shape[1], num_classes, per_epoch, recipe, seed)
     return head_accuracy(head, val_features, val_labels)

@@ -10,7 +10,6 @@ same labelled images at a given seed. On ImageNet the 1%/10% subsets are fixed f
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from downstream.classification.linear_probe import head_accuracy, train_linear_head
+from downstream.classification.linear_probe import (
+    head_accuracy,
+    shuffled_batches,
+    train_linear_head,
+)
 from downstream.classification.settings import LinearSettings
 from ropim.harness.errors import ConfigError, DataError
 from ropim.harness.seeding import derive_seed
@@ -136,14 +139,7 @@ class ProbeHeadInit:
             epochs=math.ceil(self.steps / per_epoch),
             warmup_epochs=min(self.recipe.warmup_epochs, math.ceil(0.1 * self.steps / per_epoch)),
         )
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "lowshot-probe"))
-
-        def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-            order = torch.randperm(len(x_train), generator=generator).to(device)
-            for start in range(0, len(order), batch):
-                index = order[start : start + batch]
-                yield x_train[index], y_train[index]
-
+        batches = shuffled_batches(x_train, y_train, batch, derive_seed(self.seed, "lowshot-probe"))
         with torch.enable_grad():
             probe = train_linear_head(
                 batches,
