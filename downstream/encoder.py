@@ -79,7 +79,8 @@ def load_pretrained_encoder(
     tensors, metadata = read_weights(path)
     backbone = build_encoder(cfg)
     check_architecture(metadata, backbone, path)
-    prefix = "backbone."
+    # The encoder the method names (MaskingMethod.encoder_name; the student by default).
+    prefix = metadata.get("encoder", "backbone") + "."
     weights = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     if per_layer_bias and SHARED_TABLE in weights:
         untie_relative_position(cfg, weights)

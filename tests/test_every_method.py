@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import typing
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +20,24 @@ from ropim.harness.pretrain import pretrain
 from ropim.harness.registry import available_methods, build_method, method_class
 from tests.conftest import TINY_CONFIG, SimulatedCrash, crash_after, tiny_backbone
 
+# Every registered method, plus a stateful example (a frozen EMA teacher, a counter, a ramp)
+# kept with the tests: stateful methods pass the same checks.
+EXAMPLES = (str(Path(__file__).parent / "method_examples"),)
 METHODS = available_methods()
+DIRS = {name: () for name in METHODS} | {"frozenteacher": EXAMPLES}
+CASES = [*METHODS, "frozenteacher"]
 
 
 def _build(name: str):
-    return build_method({"name": name, **method_class(name).test_settings}, tiny_backbone())
+    cls = method_class(name, DIRS[name])
+    try:
+        return build_method({"name": name, **cls.test_settings}, tiny_backbone(), DIRS[name])
+    except ConfigError as exc:
+        pytest.fail(
+            f"{name} cannot be built on the test backbone (28-px images, 7-px patches, 2 blocks, "
+            f"width 32): {exc}. Fix: give {cls.__name__} a test_settings dict with settings that "
+            f"fit it (docs/methods.md, 'test_settings')."
+        )
 
 
 def _digits() -> torch.Tensor:
@@ -33,10 +47,12 @@ def _digits() -> torch.Tensor:
     return images.expand(-1, 3, -1, -1)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", CASES)
 def test_overfits_a_fixed_batch(name):
     method = _build(name)
     images = _digits()
+    method.train()
+    frozen = {n: p.clone() for n, p in method.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.AdamW(method.parameters(), lr=2e-3)
     losses = []
     for _ in range(40):
@@ -46,11 +62,16 @@ def test_overfits_a_fixed_batch(name):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+    for module in method._untrained:  # declared state: eval mode, no gradient, unmoved
+        assert not module.training and all(not p.requires_grad for p in module.parameters())
+    now = dict(method.named_parameters())
+    assert [n for n in frozen if not torch.equal(frozen[n], now[n])] == []
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", CASES)
 def test_resumes_to_the_weights_of_an_uninterrupted_run(name, tmp_path):
-    settings = {"name": name, **method_class(name).test_settings}
+    _build(name)  # a method that does not fit the test backbone says how to fix that
+    settings = {"name": name, **method_class(name, DIRS[name]).test_settings}
     flat = ", ".join(f"{k}: {v}" for k, v in settings.items())
     common = ["train.reconstruction_images=0", f"method={{{flat}}}"]
 
@@ -63,28 +84,33 @@ def test_resumes_to_the_weights_of_an_uninterrupted_run(name, tmp_path):
         folder = run_dir / "checkpoints"
         return load_file(str(folder / (folder / "latest").read_text() / "model.safetensors"))
 
-    straight = weights(pretrain(cfg("a")))
+    dirs = DIRS[name]
+    straight = weights(pretrain(cfg("a"), method_dirs=dirs))
     with pytest.raises(SimulatedCrash):
-        pretrain(cfg("b"), after_step=[crash_after(5)])
-    resumed = weights(pretrain(cfg("b"), resume=True))
+        pretrain(cfg("b"), after_step=[crash_after(5)], method_dirs=dirs)
+    resumed = weights(pretrain(cfg("b"), resume=True, method_dirs=dirs))
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", CASES)
 def test_weight_decay_exclusions_are_real_parameters_kept_out_of_decay(name):
     method = _build(name)
-    names = dict(method.named_parameters())
+    names = method.trained_parameters()  # state declared untrained is never optimised
     excluded = method.no_weight_decay() & set(names)  # timm lists tokens a model may lack
     optimizer = build_optimizer(method, resolve(TrainSection(), method.recipe, 1))
     free = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
-    assert all(id(names[n]) in free for n in excluded)
-    assert all(id(p) in free for p in names.values() if p.ndim <= 1)
+    optimised = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert [n for n in excluded if id(names[n]) not in free] == []
+    assert [n for n, p in names.items() if p.ndim <= 1 and id(p) not in free] == []
+    assert [n for n, p in names.items() if id(p) not in optimised] == []
+    frozen = [n for n, p in method.named_parameters() if id(p) in optimised and n not in names]
+    assert frozen == [], f"untrained state handed to the optimiser: {frozen}"
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", CASES)
 def test_every_recipe_value_has_a_source(name):
-    cls = method_class(name)
+    cls = method_class(name, DIRS[name])
     for key in cls.recipe.values():
         assert cls.recipe.source_of(key).strip(), f"{name}: recipe.{key} has no source"
     for protocol, recipe in cls.protocol_recipes.items():
@@ -94,15 +120,16 @@ def test_every_recipe_value_has_a_source(name):
         assert what.strip() and where.strip(), f"{name}: fixed choice {choice}"
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", CASES)
 def test_a_bad_setting_is_one_error_naming_the_key(name):
+    dirs = DIRS[name]
     with pytest.raises(ConfigError, match="no_such_key"):
-        build_method({"name": name, "no_such_key": 1}, tiny_backbone())
-    hints = typing.get_type_hints(method_class(name).__init__)
+        build_method({"name": name, "no_such_key": 1}, tiny_backbone(), dirs)
+    hints = typing.get_type_hints(method_class(name, dirs).__init__)
     numeric = [k for k, t in hints.items() if t in (int, float)]
     if numeric:  # a number given as text: refused by the constructor's annotation
         with pytest.raises(ConfigError, match=rf"method\.{numeric[0]} must be"):
-            build_method({"name": name, numeric[0]: "abc"}, tiny_backbone())
+            build_method({"name": name, numeric[0]: "abc"}, tiny_backbone(), dirs)
 
 
 def test_a_method_from_another_installed_package_is_listed(tmp_path, monkeypatch, capsys):

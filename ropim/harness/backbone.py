@@ -278,6 +278,24 @@ class ViTBackbone(nn.Module):
                 x = block(x, shared_rel_pos_bias=shared)
         return vit.norm(x) if stop == depth else x
 
+    def block_outputs(self, sequence: Tensor) -> list[Tensor]:
+        """Every block's output over a full sequence (prefix tokens included, no final norm):
+        the layers a teacher's targets average (data2vec's top-K blocks)."""
+        vit = self.vit
+        outputs = []
+        if not isinstance(vit, Beit):
+            x = vit.norm_pre(sequence)
+            for block in vit.blocks:
+                x = block(x)
+                outputs.append(x)
+            return outputs
+        shared = vit.rel_pos_bias() if vit.rel_pos_bias is not None else None
+        x = sequence
+        for block in vit.blocks:
+            x = block(x, shared_rel_pos_bias=shared)
+            outputs.append(x)
+        return outputs
+
     def encode(self, tokens: Tensor) -> Tensor:
         """Encoder output for the ``N`` patch tokens (prefix tokens dropped)."""
         return self.run_blocks(self.add_position(tokens))[:, self.num_prefix_tokens :]

@@ -30,6 +30,7 @@ from ropim.harness.errors import ConfigError, TrainingError
 from ropim.harness.preemption import Preempted, stop_requests
 from ropim.harness.progress import ProgressDisplay
 from ropim.harness.records import MetricsLog
+from ropim.harness.run_progress import RunProgress
 from ropim.harness.seeding import derive_seed, seed_torch
 from ropim.harness.tasks import TrainingSettings
 from ropim.harness.tracking import Tracker
@@ -83,6 +84,10 @@ class Hooks:
     evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None  # -> evaluations.csv
     evaluate_every: int = 0  # steps; 0: never
     after_step: Sequence[Callable[[int], None]] = field(default_factory=list)  # e.g. a test's
+    # Around each optimiser step, with the run's progress: before the loss (steps done so far)
+    # and right after the update, before logging, evaluation and checkpoint (steps done now).
+    before_update: Callable[[RunProgress], None] | None = None
+    after_update: Callable[[RunProgress], None] | None = None
 
 
 @dataclass
@@ -376,12 +381,16 @@ class _LoopRun:
             progress.step, self.total, plan.time_budget_s, self.running_time()
         )
         self.scheduler.step_update(position)
+        if self.hooks.before_update is not None:
+            self.hooks.before_update(self.run_progress())
         try:
             loss, terms = self.step_fn(batch, progress.step)
         except NonFiniteStep as bad:
             self.display.close()
             raise self._non_finite(bad) from None
         progress.step += 1
+        if self.hooks.after_update is not None:
+            self.hooks.after_update(self.run_progress())
         progress.images_seen += self.global_batch
         for name, value in {"loss": loss, **terms}.items():
             self.window[name] = self.window.get(name, 0.0) + value.float()
@@ -391,6 +400,9 @@ class _LoopRun:
         self.display.advance()
         if self.out_of_time():
             progress.stopped_by = "time_budget"
+
+    def run_progress(self) -> RunProgress:
+        return RunProgress(self.progress.step, self.total, self.per_epoch)
 
     def _non_finite(self, bad: NonFiniteStep) -> TrainingError:
         plan = self.plan

@@ -116,9 +116,15 @@ def pretrain_scheduler(
 
 
 def build_optimizer(method: MaskingMethod, settings: OptimSettings) -> torch.optim.AdamW:
+    """AdamW over the method's trained parameters: no decay on 1-D ones (norms, biases) nor on
+    ``no_weight_decay()``'s names; state declared ``untrained`` never reaches it."""
     groups = param_groups_weight_decay(
         method, settings.weight_decay, no_weight_decay_list=method.no_weight_decay()
     )
+    trained = {id(p) for p in method.trained_parameters().values()}
+    for group in groups:
+        group["params"] = [p for p in group["params"] if id(p) in trained]
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas)
 
 

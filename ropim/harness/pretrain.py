@@ -40,6 +40,7 @@ from ropim.harness.records import (
 )
 from ropim.harness.registry import build_method, method_class
 from ropim.harness.resolution import CONFIG, Resolution, choose
+from ropim.harness.run_progress import RunProgress
 from ropim.harness.runtime import (
     build_encoder,
     gather,
@@ -61,6 +62,10 @@ class Pretraining:
     optimizer: torch.optim.Optimizer
     normalize: BatchNormalizer  # uint8 batches (decoder-space crops) -> normalised floats
     card: Resolution  # every resolved value with its source
+
+    def set_progress(self, progress: RunProgress) -> None:
+        """What the method reads while computing this step's loss (ramps over the run)."""
+        self.method.progress = progress
 
     def step_loss(self, seed: int) -> StepLoss:
         """The method's loss on a batch of views; its own randomness (sketches, masks) comes
@@ -256,6 +261,8 @@ def pretrain(
         evaluate=monitor if monitor_every else None,
         evaluate_every=monitor_every,
         after_step=after_step,
+        before_update=setup.set_progress,
+        after_update=method.after_step,
     )
     result = train_loop(
         fabric,

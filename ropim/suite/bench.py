@@ -28,6 +28,7 @@ from ropim.harness.loop import TrainStep
 from ropim.harness.optim import pretrain_scheduler
 from ropim.harness.pretrain import Pretraining, pretrain, set_up_pretraining
 from ropim.harness.records import hardware
+from ropim.harness.run_progress import RunProgress
 from ropim.harness.runtime import resolve_device, synchronize
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for MFU.
@@ -77,11 +78,13 @@ def _time_steps(
             synchronize(device)
             start = time.perf_counter()
             loss, _ = step((images,), index)
+            setup.method.after_step(RunProgress(index + 1, warmup + steps, warmup + steps))
             synchronize(device)
             if index >= warmup:
                 elapsed += time.perf_counter() - start
         with FlopCounterMode(display=False) as counter:  # one more step, counted, not timed
             step((images,), warmup + steps)
+            setup.method.after_step(RunProgress(warmup + steps, warmup + steps, 1))
     flops = float(counter.get_total_flops())
     achieved = flops * steps / elapsed / 1e12
     peak = peak_tflops(_device_name(device)) if device.type == "cuda" else None
