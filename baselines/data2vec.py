@@ -201,10 +201,12 @@ class Data2Vec(MaskingMethod):
 
     @torch.no_grad()
     def targets(self, patch_tokens: Tensor) -> Tensor:
-        """The teacher's targets for every patch ``(B, N, D)``, float32."""
-        teacher = self.teacher
-        outputs = teacher.block_outputs(teacher.add_position(patch_tokens))
-        prefix = teacher.num_prefix_tokens
+        """The teacher's targets for every patch ``(B, N, D)``, float32 (no gradient reaches
+        the student's embedding through them)."""
+        # The student's cls token and positions: fairseq's teacher is the EMA of the
+        # transformer alone, fed the student's embedded sequence (ema_transformer_only).
+        outputs = self.teacher.block_outputs(self.backbone.add_position(patch_tokens))
+        prefix = self.backbone.num_prefix_tokens
         top = [o[:, prefix:].float() for o in outputs[-self.top_k :]]
         mean = sum(top) / len(top)
         return F.layer_norm(mean, mean.shape[-1:])

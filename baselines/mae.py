@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ropim.harness.backbone import ViTBackbone, xavier_linears
 from ropim.harness.errors import ConfigError, check_ratio
-from ropim.harness.methods import MaskingMethod, ProtocolRecipe, Recipe
+from ropim.harness.methods import MaskingMethod, ProtocolRecipe, PublishedResult, Recipe
 from ropim.harness.patches import patchify
 
 
@@ -72,6 +72,56 @@ class MAE(MaskingMethod):
             "interpolation": "mae main_pretrain.py:124 (interpolation=3, bicubic)",
             "drop_path": "mae models_mae.py:39-41 (encoder blocks without drop path)",
         },
+    )
+    references = (
+        PublishedResult(
+            "classification",
+            "finetune",
+            "top1_best",
+            83.6,
+            "He et al., MAE (CVPR 2022), ImageNet-1k fine-tune, ViT-B/16",
+            "fine-tune 100 epochs, global average pooling",
+            pretrain_epochs=1600,
+        ),
+        PublishedResult(
+            "classification",
+            "linear",
+            "top1",
+            68.0,
+            "He et al., MAE (CVPR 2022) paper, last block's cls token; 67.8 in "
+            "facebookresearch/mae FINETUNE.md:173",
+            "last block's cls token, BatchNorm + linear, LARS, 90 epochs",
+            pretrain_epochs=1600,
+            feature="cls",
+            layer="last",
+        ),
+        PublishedResult(
+            "segmentation",
+            "upernet",
+            "mIoU",
+            48.1,
+            "He et al., MAE (CVPR 2022); mmsegmentation reproduction 48.13",
+            "UperNet 160k iterations, 512 crops, single-scale",
+            pretrain_epochs=1600,
+        ),
+        PublishedResult(
+            "detection",
+            "vitdet_mask_rcnn",
+            "box_AP",
+            51.6,
+            "detectron2 ViTDet page, Mask R-CNN 100 ep",
+            "ViTDet Mask R-CNN, 100 epochs, LSJ 1024",
+            pretrain_epochs=1600,
+        ),
+        PublishedResult(
+            "detection",
+            "vitdet_mask_rcnn",
+            "mask_AP",
+            45.9,
+            "detectron2 ViTDet page, Mask R-CNN 100 ep",
+            "ViTDet Mask R-CNN, 100 epochs, LSJ 1024",
+            pretrain_epochs=1600,
+        ),
     )
     protocol_recipes = {
         "finetune": ProtocolRecipe(

@@ -36,12 +36,15 @@ def hog_histograms(images: Tensor, bins: int = 9, cell: int = 8) -> Tensor:
     (``atan2(gx, gy)``, ``bins`` equal sectors of ``[-pi, pi)`` folded modulo ``bins``), summed
     over ``cell`` x ``cell`` pixels, L2-normalised over the bins (HOGLayerC)."""
     b, c, h, w = images.shape
-    sobel = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
-    sobel = sobel.to(images.device, torch.float32)
-    kernels = torch.stack([sobel, sobel.T]).unsqueeze(1).repeat(c, 1, 1, 1)  # (2C, 1, 3, 3)
     padded = F.pad(images.float(), (1, 1, 1, 1), mode="reflect")
-    grads = F.conv2d(padded.repeat_interleave(2, dim=1), kernels, groups=2 * c)
-    gx, gy = grads[:, 0::2], grads[:, 1::2]
+    # HOGLayerC's 3x3 kernels [[1,0,-1],[2,0,-2],[1,0,-1]] (gx) and their transpose (gy), as
+    # differences of the mirrored pixels weighted 1-2-1: equal to the convolution, and a pixel
+    # whose neighbours are equal gets exactly 0 (conv2d's float32 sums may leave -1e-7 there,
+    # which moves it across a sector boundary).
+    across = padded[:, :, :, :-2] - padded[:, :, :, 2:]  # (B, C, H+2, W)
+    gx = across[:, :, :-2] + 2 * across[:, :, 1:-1] + across[:, :, 2:]
+    down = padded[:, :, :-2, :] - padded[:, :, 2:, :]  # (B, C, H, W+2)
+    gy = down[..., :-2] + 2 * down[..., 1:-1] + down[..., 2:]
     magnitude = torch.sqrt(gx**2 + gy**2)
     sector = torch.floor(torch.atan2(gx, gy) / math.pi * bins).long() % bins
     hist = torch.zeros(b, c, bins, h, w, device=images.device)

@@ -13,7 +13,13 @@ from torch import Tensor, nn
 
 from ropim.harness.backbone import ViTBackbone
 from ropim.harness.errors import check_ratio
-from ropim.harness.methods import MaskingMethod, ProtocolRecipe, Recipe, linear_pixel_head
+from ropim.harness.methods import (
+    MaskingMethod,
+    ProtocolRecipe,
+    PublishedResult,
+    Recipe,
+    linear_pixel_head,
+)
 from ropim.harness.patches import patchify
 
 
@@ -75,6 +81,28 @@ class SimMIM(MaskingMethod):
             "drop_path": f"SimMIM {PRETRAIN_YAML}:4",
             "interpolation": "SimMIM data/data_simmim.py:52 (torchvision's default, bilinear)",
         },
+    )
+    references = (
+        PublishedResult(
+            "classification",
+            "finetune",
+            "top1_best",
+            83.8,
+            "Xie et al., SimMIM (CVPR 2022), ViT-B/16 800 ep",
+            "fine-tune 100 epochs, mean pooling",
+            pretrain_epochs=800,
+        ),
+        PublishedResult(
+            "classification",
+            "linear",
+            "top1",
+            56.7,
+            "SimMIM maintainers (microsoft/SimMIM issues #14, #36): block 8, average-pooled",
+            "block 8 of 12, average-pooled patch tokens (not the last block's cls token)",
+            pretrain_epochs=800,
+            feature="avg",
+            layer=8,
+        ),
     )
     protocol_recipes = {
         "finetune": ProtocolRecipe(

@@ -3,7 +3,7 @@ numbers: the strongest check that the protocols are faithful.
 
 A preset's ``published`` section names each checkpoint (its file inside the folder given with
 ``--checkpoints``, its layout, the architecture, and the method whose published rows in
-``references.csv`` it should land on); its task sections are the paper's protocols. Each file is
+``references`` it should land on); its task sections are the paper's protocols. Each file is
 imported once (re-imported if its sha256 changes), each task evaluated once, and
 ``reports/<name>.md``/``.csv`` list, per headline measure: our value, the published value, the
 difference, and whether the published value was measured under the same protocol.
@@ -154,9 +154,9 @@ def write_published(table: pd.DataFrame, out_dir: Path, name: str, config: str) 
         "",
         f"Produced by `ropim published --config {config}`. `ours` is this suite's measurement "
         "of the released checkpoint (in %), `published` the paper's value "
-        "(`references.csv`, with its source), `difference` = ours − published. A difference "
-        "is a finding only where `same_protocol` is true; the note says how the protocols "
-        "differ otherwise.",
+        "(the method's `references`, with its source), `difference` = ours − published. A "
+        "difference is a finding only where `same_protocol` is true; the note says how the "
+        "protocols differ otherwise.",
         "",
         table.to_markdown(index=False) if len(table) else "No checkpoint was evaluated.",
         "",

@@ -8,7 +8,7 @@ mixed into the measured ones. Methods or seeds without rows show as missing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from importlib import resources
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from ropim.harness.registry import available_methods, method_class  # noqa: E402
 from ropim.harness.tasks import TaskSpec  # noqa: E402
 from ropim.suite.compare import RANDOM_INIT  # noqa: E402
 from ropim.suite.stats import paired_table, summary_sentences  # noqa: E402
-
-REFERENCES = resources.files("ropim.suite") / "references.csv"  # package data
 
 
 def headline_titles(tasks: Sequence[TaskSpec]) -> dict[tuple[str, str, str], str]:
@@ -36,11 +35,23 @@ def published_titles(tasks: Sequence[TaskSpec]) -> dict[tuple[str, str, str], st
     return {(t.name, c.protocol, c.metric): c.title for t in tasks for c in t.published}
 
 
-def read_references() -> pd.DataFrame | None:
-    if not REFERENCES.is_file():
+REFERENCE_COLUMNS = [
+    "method", "backbone", "pretrain_data", "pretrain_epochs", "task", "protocol", "metric",
+    "value", "source", "protocol_detail", "feature", "layer",
+]  # fmt: skip
+
+
+def read_references(method_dirs: Sequence[str | Path] = ()) -> pd.DataFrame | None:
+    """Every registered method's published numbers (``MaskingMethod.references``), one row
+    each; None when no method declares any."""
+    rows = []
+    for name in available_methods(method_dirs):
+        for ref in method_class(name, method_dirs).references:
+            rows.append({"method": name} | asdict(ref))
+    if not rows:
         return None
-    with REFERENCES.open() as handle:
-        return pd.read_csv(handle)
+    table = pd.DataFrame(rows)[REFERENCE_COLUMNS]
+    return table.astype({"feature": object, "layer": object}).where(table.notna(), None)
 
 
 def reference_settings(feature: str, layer: Any) -> str:
