@@ -36,6 +36,7 @@ from ropim.harness.records import (
     hardware,
     json_object,
     library_versions,
+    loaded_module_files,
     write_json,
 )
 from ropim.harness.registry import build_method, method_class
@@ -101,6 +102,20 @@ def recipe_line(
         f"{settings.warmup_lr:.3g}; {schedule}; wd {settings.weight_decay:g}; betas "
         f"{tuple(settings.betas)}; clip {clip}; {epochs:g} epochs = {total_steps} steps"
     )
+
+
+def method_files(cls: type) -> list[Path]:
+    """The files of a method a run imported: the module defining it and the helper modules
+    (``_name.py``) of its package it loaded."""
+    module = cls.__module__
+    package = module.rpartition(".")[0]
+    helpers = [
+        f
+        for f in loaded_module_files([package] if package else [])
+        if f.stem.startswith("_") and f.stem != "__init__"
+    ]
+    own = loaded_module_files([module])
+    return sorted({*own, *helpers})
 
 
 def _earlier_resume_changes(run_dir: Path) -> list[dict[str, Any]]:
@@ -356,7 +371,7 @@ def _start_record(
         "device": str(fabric.device),
         "steps_per_epoch": per_epoch,
         "total_steps": total_steps,
-        "code": code_version(),
+        "code": code_version(method_files(type(method))),
         "libraries": library_versions(),
         "hardware": hardware(),
         "started_at": datetime.now(timezone.utc).isoformat(),

@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,28 +82,113 @@ def _suite_checkout() -> bool:
         return False
 
 
-def code_version() -> dict[str, Any]:
-    """The package version always; the suite's commit and dirty flag only from its own
-    checkout (None otherwise, never another repository's commit)."""
-    if not _suite_checkout():
-        return {"package_version": package_version(), "git_commit": None, "git_dirty": None}
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
-    def git(*args: str) -> str | None:
+
+def _method_package_dirs() -> list[Path]:
+    """The folders of the declared method packages (``ropim.method_packages``)."""
+    import importlib.metadata
+    import importlib.util
+
+    found = []
+    for point in importlib.metadata.entry_points(group="ropim.method_packages"):
+        spec = importlib.util.find_spec(point.value)
+        found += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    return found
+
+
+def _display(path: Path) -> str:
+    """A code file's path relative to the checkout, or to the installed packages' folder
+    (site-packages), else as given."""
+    path = path.resolve()
+    for root in (PROJECT_ROOT, *[Path(p) for p in sys.path if p]):
         try:
-            out = subprocess.run(
-                ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
+            return str(path.relative_to(Path(root).resolve()))
+        except ValueError:
+            continue
+    return str(path)
 
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+
+def _sha256(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def code_version(files: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """The package version always; the suite's commit and dirty flag only from its own
+    checkout (None otherwise, never another repository's commit). ``files``: the method and
+    task modules a run imported, each recorded with its path and sha256. ``git_dirty`` counts
+    modified tracked files, untracked files under the method packages, and any of ``files``
+    that git does not track (a method file outside the checkout included): a run of a new
+    method is never recorded as clean. ``unrecorded`` lists those files."""
+    paths = [Path(f).resolve() for f in files]
+    records = [{"path": _display(p), "sha256": _sha256(p)} for p in paths]
+    if not _suite_checkout():
+        inside = [str(p) for p in paths if _under(p, PROJECT_ROOT)]
+        outside = [r["path"] for r, p in zip(records, paths, strict=True) if str(p) not in inside]
+        return {
+            "package_version": package_version(),
+            "git_commit": None,
+            "git_dirty": True if outside else None,
+            "unrecorded": outside,
+            "files": records,
+        }
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    watched = [p for p in _method_package_dirs() if _under(p, PROJECT_ROOT)]
+    inside = [p for p in paths if _under(p, PROJECT_ROOT)]
+    unrecorded = [_display(p) for p in paths if not _under(p, PROJECT_ROOT)]
+    names = [str(p.relative_to(PROJECT_ROOT)) for p in [*watched, *inside]]
+    if names:
+        tracked = set((_git("ls-files", "--", *names) or "").splitlines())
+        changed = _git("status", "--porcelain", "--untracked-files=all", "--", *names) or ""
+        unrecorded += sorted({line[3:] for line in changed.splitlines() if line.strip()})
+        unrecorded += [
+            str(p.relative_to(PROJECT_ROOT))
+            for p in inside
+            if str(p.relative_to(PROJECT_ROOT)) not in tracked
+        ]  # ignored files
+    unrecorded = sorted(set(unrecorded))
+    dirty = None if status is None else bool(status) or bool(unrecorded)
     return {
         "package_version": package_version(),
         "git_commit": commit,
-        "git_dirty": bool(status) if status is not None else None,
+        "git_dirty": dirty,
+        "unrecorded": unrecorded,
+        "files": records,
     }
+
+
+def _under(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def loaded_module_files(packages: Sequence[str], prefixes: Sequence[str] = ()) -> list[Path]:
+    """The files of the modules loaded so far from ``packages`` (and of modules whose names
+    start with one of ``prefixes``): what a run actually imported of its method or task."""
+    found = set()
+    for name, module in list(sys.modules.items()):
+        wanted = any(name == p or name.startswith(p + ".") for p in packages)
+        if wanted or any(name.startswith(p) for p in prefixes):
+            file = getattr(module, "__file__", None)
+            if file:
+                found.add(Path(file).resolve())
+    return sorted(found)
 
 
 def library_versions() -> dict[str, str]:

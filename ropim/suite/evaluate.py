@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from ropim.harness.config import load_config
-from ropim.harness.records import code_version, read_run_record, write_json
+from ropim.harness.records import (
+    code_version,
+    loaded_module_files,
+    read_run_record,
+    write_json,
+)
 from ropim.harness.runtime import launch_rank
 from ropim.harness.tasks import TaskSettings, TaskSpec
 from ropim.harness.tracking import Tracker
@@ -42,6 +47,7 @@ class RunRows:
             "code_version": (record.get("code") or {}).get("git_commit"),
         }
         self.rows: list[dict[str, Any]] = []
+        self.code_files: list[Path] = []  # the task's modules, recorded in <task>.json
         self.final_step = int(record.get("total_steps") or 0)
 
     def add(self, protocol: str, metric: str, value: float) -> None:
@@ -60,7 +66,7 @@ class RunRows:
         if launch_rank() != 0:  # under torchrun every rank evaluates
             return
         append_results(results_path, self.rows)
-        payload = {"code": code_version(), "rows": self.rows} | (extra or {})
+        payload = {"code": code_version(self.code_files), "rows": self.rows} | (extra or {})
         write_json(self.run_dir / f"{self.task}.json", payload)
         self._track()
 
@@ -83,6 +89,7 @@ def evaluate_run(
     """Run ``task`` on ``run_dir``; returns the rows it appended to ``results_path``."""
     rows = RunRows(run_dir, task.name)  # reads run.json: a wrong folder fails before training
     outcome = task.evaluate(run_dir, settings, after_step)
+    rows.code_files = loaded_module_files([task.run().__module__.rpartition(".")[0]])
     for protocol, metric, value in outcome.measurements:
         rows.add(protocol, metric, value)
     rows.write(results_path, outcome.details)

@@ -172,6 +172,7 @@ def report_comparison(
             f" Configured but not run in this preset (compare.tasks): {', '.join(left_out)}"
             + (f". Why: {why}." if why else "; the preset's comments say why.")
         )
+    header += provenance_note(planned)
     feature = probe_protocol(raw)["feature"]
     curves = learning_curves(planned)
     path = write_report(
@@ -192,6 +193,27 @@ def report_comparison(
     print("\n".join(text))  # the table and what it supports, where the run ends
     print(f"report: {path}")
     return path
+
+
+def provenance_note(planned: list) -> str:
+    """A header sentence naming the runs whose code no commit holds (a modified checkout, or a
+    method or task file git does not track); empty when every run's code is committed."""
+    unrecorded: dict[str, list[str]] = {}
+    for run in planned:
+        path = Path(run.config.run.output_dir) / run.config.run.name / "run.json"
+        try:
+            code = json.loads(path.read_text()).get("code") or {}
+        except (OSError, ValueError):
+            continue
+        if code.get("git_dirty") or code.get("unrecorded"):
+            unrecorded[run.label] = code.get("unrecorded") or ["modified tracked files"]
+    if not unrecorded:
+        return ""
+    named = "; ".join(f"{label}: {', '.join(files[:3])}" for label, files in unrecorded.items())
+    return (
+        f" **Not reproducible from a commit**: these runs used code no commit holds (each "
+        f"file's sha256 is in its run.json `code.files`): {named}."
+    )
 
 
 def learning_curves(planned: list) -> pd.DataFrame:
