@@ -76,6 +76,15 @@ class Data2Vec(MaskingMethod):
             "RandomResizedCrop's default scale)",
             "interpolation": f"{FAIRSEQ}/tasks/image_pretraining.py:81",
             "drop_path": f"{D2V1}:64",
+            # the method's settings
+            "mask_ratio": f"Baevski et al. (2022) §4 (60%); {VISION}:24 (120 of 196 patches; "
+            "fairseq's dataclass default, 75, is not the published share)",
+            "min_block_tokens": f"{MODEL}:41, {VISION}:33",
+            "max_block_tokens": f"{MODEL}:42, {VISION}:33",
+            "top_k": f"{D2V1}:60 (average_top_k_layers)",
+            "ema_decay": f"{D2V1}:57",
+            "ema_end_decay": f"{D2V1}:58",
+            "loss_beta": f"{D2V1}:62",
         },
     )
     protocol_recipes = {

@@ -95,6 +95,10 @@ class MaskFeat(MaskingMethod):
             "crop_scale": f"{PT}:10 (TRAIN_JITTER_SCALES_RELATIVE)",
             "interpolation": f"{SLOWFAST} slowfast/config/defaults.py:196",
             "drop_path": f"{PT}:33",
+            # the method's settings
+            "mask_ratio": f"{PT}:47 (MASK_RATIO)",
+            "bins": f"{MASKED}:50 (nbins = 9)",
+            "cell_size": f"{MASKED}:51 (cell_sz = 8)",
         },
     )
     protocol_recipes = {
@@ -105,6 +109,7 @@ class MaskFeat(MaskingMethod):
                 "base_lr": 2e-3,
                 "lr_batch_divisor": 512,
                 "min_lr": 1e-6,
+                "warmup_lr": 1e-8,
                 "layer_decay": 0.65,
                 "weight_decay": 0.05,
                 "drop_path": 0.1,
@@ -121,6 +126,7 @@ class MaskFeat(MaskingMethod):
                 "base_lr": f"{FT}:57",
                 "lr_batch_divisor": f"{FT}:5,82 (2e-3 for batch 512 on one shard)",
                 "min_lr": f"{FT}:66",
+                "warmup_lr": f"{FT}:63",
                 "layer_decay": f"{FT}:56",
                 "weight_decay": f"{FT}:61",
                 "drop_path": f"{FT}:32",

@@ -24,7 +24,7 @@ from baselines.data2vec import annealed_decay
 from baselines.maskfeat import hog_histograms
 from ropim.harness.config import load_config
 from ropim.harness.pretrain import pretrain
-from ropim.harness.registry import build_method
+from ropim.harness.registry import build_method, method_class
 from tests.conftest import PROJECT_ROOT, TINY_CONFIG, tiny_backbone
 
 EXAMPLES = str(Path(__file__).parent / "method_examples")
@@ -214,7 +214,8 @@ def test_the_published_preset_runs_maskfeat_and_data2vec_on_tiny_data(tmp_path):
     for name, method in tiny.items():
         planned = [p for p in plan_comparison("configs/table2_published.yaml") if p.method == name]
         cfg = planned[0].config
-        assert cfg.train.epochs == 300
+        assert cfg.train.epochs == {"maskfeat": 1600, "data2vec": 800}[name]  # the references'
+        assert {r.pretrain_epochs for r in method_class(name).references} == {cfg.train.epochs}
         cfg.run.output_dir, cfg.run.name = str(tmp_path), name
         cfg.model.img_size, cfg.model.patch_size = 28, 7
         cfg.model.kwargs = cfg.model.kwargs | {"depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -227,3 +228,26 @@ def test_the_published_preset_runs_maskfeat_and_data2vec_on_tiny_data(tmp_path):
         cfg.method = cfg.method | method  # the preset's settings, cells and blocks that fit
         run_dir = pretrain(cfg)
         assert (run_dir / "run.json").is_file()
+
+
+def test_the_published_card_lists_every_maskfeat_and_data2vec_setting_with_its_source(capsys):
+    import csv
+    import inspect
+    import io
+
+    from ropim.cli import main
+
+    SKIP = ("self", "backbone")
+    assert main(["recipes", "--format", "csv", "--config", "configs/table2_published.yaml"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    for name in ("maskfeat", "data2vec"):
+        mine = [r for r in rows if r["method"] == name]
+        assert {"pretrain", "finetune"} <= {r["protocol"] for r in mine}
+        assert all(r["source"].strip() for r in mine)
+        cls = method_class(name)
+        settings = {r["key"]: r for r in mine if r["protocol"] == "pretrain"}
+        keys = [k for k in inspect.signature(cls.__init__).parameters if k not in SKIP]
+        for key in keys:  # each of its settings cites its own line, not the recipe's
+            assert settings[f"method.{key}"]["source"] != cls.recipe.source, key
+        published = {r["key"] for r in mine if r["protocol"] == "finetune"}
+        assert "reference.top1_best" in published
