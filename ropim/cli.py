@@ -171,6 +171,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     recipes.add_argument("overrides", nargs="*", help="key=value over the preset")
     recipes.add_argument("--format", choices=("table", "csv"), default="table")
+    cost = sub.add_parser(
+        "cost",
+        help="each method's training FLOPs and the GPU-hours they imply, before submitting",
+    )
+    cost.add_argument("--config", "-c", required=True, help="e.g. configs/table2_published.yaml")
+    cost.add_argument("--devices", type=int, default=8, help="devices the total batch assumes")
+    cost.add_argument(
+        "--images", type=int, default=None, help="images per epoch (default: ImageNet-1k's)"
+    )
+    cost.add_argument("--gpu", default="H100", help="card whose bf16 peak the hours assume")
+    cost.add_argument(
+        "--mfu", type=float, default=None, help="model-FLOPs utilisation (default: measured)"
+    )
+    cost.add_argument("overrides", nargs="*", help="key=value over the preset")
     methods = sub.add_parser("methods", help="list the masking methods that can be selected")
     methods.add_argument("--method-dir", action="append", default=[])
     return parser
@@ -291,6 +305,17 @@ def _recipes(args: argparse.Namespace) -> int:
 
     card = recipe_card(args.method, args.protocol, args.config, args.devices, args.overrides)
     print(format_card(card, args.format), end="" if args.format == "csv" else "\n")
+    return 0
+
+
+def _cost(args: argparse.Namespace) -> int:
+    from ropim.suite.cost import MEASURED_MFU, cost_rows, format_cost
+
+    mfu = MEASURED_MFU if args.mfu is None else args.mfu
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu {mfu} must be a share in (0, 1], e.g. 0.4")
+    rows = cost_rows(args.config, args.overrides, args.devices, args.images, args.gpu, mfu)
+    print(format_cost(rows))
     return 0
 
 
@@ -539,6 +564,7 @@ COMMANDS = {  # command -> its function
     "tasks": _tasks,
     "configs": _configs,
     "recipes": _recipes,
+    "cost": _cost,
     "methods": _methods,
 }
 

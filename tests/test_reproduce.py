@@ -95,11 +95,19 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
     assert "table2_tiny/<method>_seed<s>/run.json` (`recipe`, `optim`)" in text
     figures = ["table2_tiny_accuracy_vs_time.png", "table2_tiny_bars.png"]
     figures += ["table2_tiny_learning_curves.png", "table2_tiny_paired.csv"]
-    figures += ["table2_tiny_forest.png"]
+    figures += ["table2_tiny_forest.png", "table2_tiny_accuracy_vs_flops.png"]
+    assert "under one budget (equal epochs)" in text and "**Equal epochs**" in text
+    assert "Accuracy against training FLOPs" in text and "Equal time (machine-specific" in text
+    finetune = json.loads(
+        (tmp_path / "runs" / "table2_tiny" / "ropim_seed0" / "classification.json").read_text()
+    )["finetune"]
+    assert finetune["flops_per_step"] > 0
+    assert finetune["training_flops"] == finetune["flops_per_step"] * finetune["steps"]
     for name in ("table2_tiny.csv", *figures):
         assert (reports / name).stat().st_size > 0
     table = pd.read_csv(reports / "table2_tiny.csv", index_col="method")
     assert list(table.index) == ["ropim", "mae", "simmim", "random_init"]
+    assert float(table.loc["mae", "training FLOPs"]) < float(table.loc["ropim", "training FLOPs"])
     assert table.loc["mae", "published finetune (ViT-B/16, IN-1k)"] == 83.6
     assert pd.isna(table.loc["ropim", "published finetune (ViT-B/16, IN-1k)"])  # no source
     assert "(n=2)" in table.loc["ropim", "UperNet mIoU (%)"]

@@ -251,12 +251,16 @@ def finetune_accuracy(
     with (out_dir / "evaluations.csv").open(newline="") as handle:
         epochs = [(float(r["epoch"]), float(r["top1"])) for r in csv.DictReader(handle)]
     best_epoch, best = max(epochs, key=lambda pair: pair[1])
-    return {
-        "top1": epochs[-1][1],
-        "top1_best": best,
-        "best_epoch": best_epoch,
-        "per_epoch_top1": epochs,
-        "steps": trained.progress.step,
-        "total_batch": batch * world,
-        "train_seconds": trained.progress.train_time_s,
-    } | head_info
+    return (
+        {
+            "top1": epochs[-1][1],
+            "top1_best": best,
+            "best_epoch": best_epoch,
+            "per_epoch_top1": epochs,
+            "steps": trained.progress.step,
+            "total_batch": batch * world,
+            "train_seconds": trained.progress.train_time_s,
+        }
+        | head_info
+        | trained.cost()
+    )

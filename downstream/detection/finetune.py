@@ -163,17 +163,21 @@ def finetune_detection(
     )
     scores = evaluate_detector(trained.model, val, cfg.model.in_chans, fabric)
     terms = [k for k in trained.history[-1] if k != "loss"] if trained.history else []
-    return scores | {
-        "dataset": dataset_name,
-        "num_classes": train.num_classes,
-        "iterations": total,
-        "total_batch": settings.batch_size * world,
-        "train_seconds": trained.progress.train_time_s,
-        "images_per_s": trained.progress.images_seen / max(trained.progress.train_time_s, 1e-9),
-        "first_losses": {k: trained.mean_of(k, "first") for k in ["loss", *terms]},
-        "last_losses": {k: trained.mean_of(k, "last") for k in ["loss", *terms]},
-        "loss_curves": {k: trained.curve(k) for k in ["loss", *terms]},
-    }
+    return (
+        scores
+        | {
+            "dataset": dataset_name,
+            "num_classes": train.num_classes,
+            "iterations": total,
+            "total_batch": settings.batch_size * world,
+            "train_seconds": trained.progress.train_time_s,
+            "images_per_s": trained.progress.images_seen / max(trained.progress.train_time_s, 1e-9),
+            "first_losses": {k: trained.mean_of(k, "first") for k in ["loss", *terms]},
+            "last_losses": {k: trained.mean_of(k, "last") for k in ["loss", *terms]},
+            "loss_curves": {k: trained.curve(k) for k in ["loss", *terms]},
+        }
+        | trained.cost()
+    )
 
 
 @torch.no_grad()

@@ -217,16 +217,20 @@ def finetune_segmentation(
     )
     scores = evaluate_segmenter(trained.model, val, settings, cfg, fabric)
     seconds = trained.progress.train_time_s
-    return scores | {
-        "dataset": dataset_name,
-        "num_classes": num_classes,
-        "iterations": total,
-        "total_batch": settings.batch_size * world,
-        "train_seconds": seconds,
-        "images_per_s": trained.progress.images_seen / max(seconds, 1e-9),
-        "first_loss": trained.mean_of("loss", "first"),
-        "last_loss": trained.mean_of("loss", "last"),
-    }
+    return (
+        scores
+        | {
+            "dataset": dataset_name,
+            "num_classes": num_classes,
+            "iterations": total,
+            "total_batch": settings.batch_size * world,
+            "train_seconds": seconds,
+            "images_per_s": trained.progress.images_seen / max(seconds, 1e-9),
+            "first_loss": trained.mean_of("loss", "first"),
+            "last_loss": trained.mean_of("loss", "last"),
+        }
+        | trained.cost()
+    )
 
 
 @torch.no_grad()

@@ -67,6 +67,9 @@ class DataSection:
 class TrainSection:
     epochs: float = 10
     time_budget_s: float | None = None  # stop (and save) once training used this many seconds
+    # Total training FLOPs of a pre-training (e.g. 3.0e15): its steps are floor(budget / one
+    # step's counted FLOPs) and the schedule spans them; when set, train.epochs is not used.
+    flops_budget: float | None = None
     batch_size: int = 128  # per device
     base_lr: float | None = None  # None: the method's recipe
     lr_batch_divisor: int | None = None
@@ -265,10 +268,13 @@ def find_config(path: str | Path) -> Path:
 
 def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """``over`` on top of ``base``, section by section (mappings merge, anything else
-    replaces)."""
+    replaces; a mapping holding ``_replace: true`` replaces its base mapping whole, e.g. a
+    sibling preset's own ``compare.methods``)."""
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value.get("_replace") is True:
+            out[key] = {k: v for k, v in value.items() if k != "_replace"}
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merged(out[key], value)
         else:
             out[key] = value
@@ -378,6 +384,7 @@ def check_values(config: Config) -> None:
         "train.base_lr": train.base_lr,
         "train.lr_batch_divisor": train.lr_batch_divisor,
         "train.time_budget_s": train.time_budget_s,
+        "train.flops_budget": train.flops_budget,
         "data.limit": config.data.limit,
         "model.img_size": config.model.img_size,
         "model.patch_size": config.model.patch_size,
@@ -386,6 +393,12 @@ def check_values(config: Config) -> None:
     for key, value in positive.items():
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{key}={value} must be a positive, finite number")
+    if train.flops_budget is not None and train.time_budget_s is not None:
+        raise ConfigError(
+            f"train.flops_budget={train.flops_budget:g} and train.time_budget_s="
+            f"{train.time_budget_s:g} are two budgets: set one (FLOPs are the same on every "
+            f"machine, seconds are not)"
+        )
     at_least_zero = {
         "train.min_lr": train.min_lr,
         "train.warmup_lr": train.warmup_lr,

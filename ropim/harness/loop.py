@@ -27,6 +27,8 @@ from ropim.harness.config import LogSection
 from ropim.harness.data.batching import epoch_batches, steps_per_epoch
 from ropim.harness.data.views import SeededViews
 from ropim.harness.errors import ConfigError, TrainingError
+from ropim.harness.flops import HOW as FLOPS_HOW
+from ropim.harness.flops import count_flops
 from ropim.harness.preemption import Preempted, stop_requests
 from ropim.harness.progress import ProgressDisplay
 from ropim.harness.records import MetricsLog
@@ -53,6 +55,9 @@ class LoopPlan:
     num_workers: int = 0
     clip_grad: float | None = None
     time_budget_s: float | None = None  # stop (and save) once training used this long
+    # One step's FLOPs (all devices): given (pre-training counts them before planning), or
+    # counted on this invocation's first batch; then metrics.csv logs the cumulative FLOPs.
+    flops_per_step: float | None = None
     keep_history: bool = False  # every step's loss terms, kept in the checkpoint (dense tasks)
     collate: Callable | None = None
     desc: str = "train"
@@ -107,6 +112,16 @@ class LoopResult:
     history: list[dict[str, float]]  # per step, when the plan keeps it
     resume_changes: list[str] = field(default_factory=list)  # "key: old -> new" on resume
     resumed_from: int = 0  # the step this invocation started at
+    flops_per_step: float | None = None  # all devices, counted (ropim.harness.flops)
+
+    def cost(self) -> dict[str, Any]:
+        """What a task records of its training cost: FLOPs per step and in all."""
+        fps = self.flops_per_step
+        return {
+            "flops_per_step": fps,
+            "training_flops": None if fps is None else fps * self.progress.step,
+            "flops_counted_by": FLOPS_HOW,
+        }
 
     def mean_of(self, key: str, part: str) -> float:
         """Mean of ``key`` over the first or last tenth of the steps (at least one)."""
@@ -286,6 +301,7 @@ class _LoopRun:
         self.window: dict[str, Tensor] = {}
         self.window_steps = 0
         self.window_start = time.perf_counter()
+        self.flops_per_step = plan.flops_per_step
 
     def resume(self, signature: dict[str, str], fingerprint: dict[str, Any]) -> None:
         """Continue from the newest checkpoint, refusing one made with other settings than
@@ -381,6 +397,8 @@ class _LoopRun:
             progress.step, self.total, plan.time_budget_s, self.running_time()
         )
         self.scheduler.step_update(position)
+        if self.flops_per_step is None:  # counted once per invocation, on its first batch
+            self.flops_per_step = self.count_step(batch)
         if self.hooks.before_update is not None:
             self.hooks.before_update(self.run_progress())
         try:
@@ -400,6 +418,24 @@ class _LoopRun:
         self.display.advance()
         if self.out_of_time():
             progress.stopped_by = "time_budget"
+
+    def count_step(self, batch: Any) -> float:
+        """FLOPs of one step on ``batch`` over all devices; nothing of the counted pass is kept
+        (gradients, buffers and random generators restored)."""
+        step = self.progress.step
+
+        def loss() -> Tensor:
+            seed_torch(derive_seed(self.plan.seed, "step", step, self.rank))
+            return self.hooks.loss(self.model, batch, step)[0]
+
+        per_device = count_flops(self.module, loss)
+        total = torch.tensor(per_device, device=self.fabric.device)
+        return float(self.fabric.all_reduce(total, reduce_op="sum"))
+
+    def flops_column(self, step: int) -> dict[str, float]:
+        """Training FLOPs spent up to ``step`` (all devices), when they were counted."""
+        fps = self.flops_per_step
+        return {} if fps is None else {"training_flops": step * fps}
 
     def run_progress(self) -> RunProgress:
         return RunProgress(self.progress.step, self.total, self.per_epoch)
@@ -443,6 +479,7 @@ class _LoopRun:
                     "images_per_s": round(throughput, 2),
                     "elapsed_s": round(self.progress.train_time_s, 3),
                 }
+                | self.flops_column(step)
             )
             self.metrics.append(row)
             self.tracker.log("train", row, step)
@@ -459,11 +496,15 @@ class _LoopRun:
             scores = self.hooks.evaluate(self.model, step)  # type: ignore[misc]
         self.model.train()
         if self.tracker is not None:
-            row = {
-                "step": step,
-                "epoch": round(step / self.per_epoch, 4),
-                "train_seconds": round(trained_s, 3),
-            } | scores
+            row = (
+                {
+                    "step": step,
+                    "epoch": round(step / self.per_epoch, 4),
+                    "train_seconds": round(trained_s, 3),
+                }
+                | self.flops_column(step)
+                | scores
+            )
             self.evaluations.append(row)
             self.tracker.log("eval", row, step)
         self.window_start += time.perf_counter() - pause
@@ -499,6 +540,7 @@ class _LoopRun:
             self.history,
             self.resume_changes,
             self.resumed_from,
+            self.flops_per_step,
         )
 
 

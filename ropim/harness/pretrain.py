@@ -26,6 +26,7 @@ from ropim.harness.data.transforms import eval_transform
 from ropim.harness.data.views import SeededViews, pretrain_views
 from ropim.harness.errors import ConfigError
 from ropim.harness.fast_views import BatchNormalizer
+from ropim.harness.flops import HOW, StepCost, count_flops, steps_for_budget
 from ropim.harness.knn import knn_accuracy
 from ropim.harness.loop import Hooks, LoopPlan, StepLoss, plan_steps, train_loop
 from ropim.harness.methods import MaskingMethod, Recipe
@@ -64,6 +65,19 @@ class Pretraining:
     normalize: BatchNormalizer  # uint8 batches (decoder-space crops) -> normalised floats
     card: Resolution  # every resolved value with its source
 
+    def step_cost(self, batch_size: int, img_size: int, in_chans: int, seed: int) -> StepCost:
+        """One training step's FLOPs at the run's per-device batch and resolution, counted on
+        a synthetic uint8 batch through the same loss the loop calls (nothing of it is kept)."""
+        device = self.fabric.device
+        self.method.to(device)
+        images = torch.randint(
+            0, 256, (batch_size, in_chans, img_size, img_size), dtype=torch.uint8,
+            generator=torch.Generator().manual_seed(seed),
+        ).to(device)  # fmt: skip
+        loss = self.step_loss(seed)
+        per_device = count_flops(self.method, lambda: loss(self.method, (images,), 0)[0])
+        return StepCost(per_device * self.fabric.world_size, per_device, HOW)
+
     def set_progress(self, progress: RunProgress) -> None:
         """What the method reads while computing this step's loss (ramps over the run)."""
         self.method.progress = progress
@@ -86,7 +100,13 @@ LR_KEYS = ("train.base_lr", "train.min_lr", "train.warmup_lr")
 
 
 def recipe_line(
-    name: str, settings: OptimSettings, epochs: float, total_steps: int, world: int
+    name: str,
+    settings: OptimSettings,
+    epochs: float,
+    total_steps: int,
+    world: int,
+    cost: StepCost | None = None,
+    flops_budget: float | None = None,
 ) -> str:
     """What a run resolved, printed before its first step (as MAE's scripts do)."""
     clip = "off" if settings.clip_grad is None else f"{settings.clip_grad:g}"
@@ -101,7 +121,21 @@ def recipe_line(
         f"{settings.min_lr:.3g}; warmup {settings.warmup_epochs:g} epochs from "
         f"{settings.warmup_lr:.3g}; {schedule}; wd {settings.weight_decay:g}; betas "
         f"{tuple(settings.betas)}; clip {clip}; {epochs:g} epochs = {total_steps} steps"
+        + flops_phrase(total_steps, cost, flops_budget)
     )
+
+
+def flops_phrase(total_steps: int, cost: StepCost | None, flops_budget: float | None) -> str:
+    """The cost part of the recipe line: FLOPs per step and in all, and the budget they fill."""
+    if cost is None:
+        return ""
+    phrase = (
+        f" x {cost.flops_per_step:.4g} FLOPs = {total_steps * cost.flops_per_step:.4g} "
+        f"training FLOPs"
+    )
+    if flops_budget is not None:
+        phrase += f" (train.flops_budget {flops_budget:.4g}: floor(budget / step), epochs unused)"
+    return phrase
 
 
 def method_files(cls: type) -> list[Path]:
@@ -262,13 +296,19 @@ def pretrain(
     views = pretrain_views(
         cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.run.seed, images.split()
     )
-    plan = _loop_plan(cfg, setup)
+    cost = setup.step_cost(
+        cfg.train.batch_size, cfg.model.img_size, cfg.model.in_chans, cfg.run.seed
+    )
+    plan = _loop_plan(cfg, setup, cost)
     per_epoch, total_steps = plan_steps(len(views), plan, fabric.world_size)
     warmup_steps = round(settings.warmup_epochs * per_epoch)
     scheduler = pretrain_scheduler(setup.optimizer, settings, total_steps, warmup_steps)
     world = fabric.world_size
-    fabric.print(recipe_line(method.name, settings, cfg.train.epochs, total_steps, world))
-    record = _start_record(cfg, setup, views, per_epoch, total_steps, run_dir, resume)
+    epochs = total_steps / per_epoch if cfg.train.flops_budget else cfg.train.epochs
+    fabric.print(
+        recipe_line(method.name, settings, epochs, total_steps, world, cost, cfg.train.flops_budget)
+    )
+    record = _start_record(cfg, setup, views, per_epoch, total_steps, run_dir, resume, cost)
     monitor_every = round(cfg.probe.knn_every * per_epoch)
     monitor = knn_monitor(cfg, method, fabric.device, images)
     hooks = Hooks(
@@ -292,6 +332,7 @@ def pretrain(
         fingerprint=resume_fingerprint(cfg),
     )
     _finish_record(record, cfg, setup, result, per_epoch)
+    record["training_flops"] = result.progress.step * cost.flops_per_step
     if fabric.global_rank == 0:
         _after_training(cfg, setup, images, record, run_dir)
         record["wall_time_s"] = time.perf_counter() - started
@@ -312,11 +353,14 @@ def _refuse_overwrite(run_dir: Path, resume: bool) -> None:
         )
 
 
-def _loop_plan(cfg: Config, setup: Pretraining) -> LoopPlan:
+def _loop_plan(cfg: Config, setup: Pretraining, cost: StepCost) -> LoopPlan:
+    """The loop's plan: ``train.epochs``, or the steps ``train.flops_budget`` buys."""
     train_cfg = cfg.train
+    budget = train_cfg.flops_budget
     return LoopPlan(
-        steps=None,
-        epochs=train_cfg.epochs,
+        steps=None if budget is None else steps_for_budget(budget, cost),
+        epochs=None if budget is not None else train_cfg.epochs,
+        flops_per_step=cost.flops_per_step,
         batch_size=train_cfg.batch_size,
         seed=cfg.run.seed,
         log_every=train_cfg.log_every,
@@ -339,6 +383,7 @@ def _start_record(
     total_steps: int,
     run_dir: Path,
     resume: bool,
+    cost: StepCost,
 ) -> dict[str, Any]:
     """``run.json`` as the run starts (status running), and ``config.yaml``, written by rank 0:
     what a crashed run leaves behind says what it was."""
@@ -371,6 +416,8 @@ def _start_record(
         "device": str(fabric.device),
         "steps_per_epoch": per_epoch,
         "total_steps": total_steps,
+        **cost.as_dict(),
+        "training_flops": 0.0,  # steps done x flops_per_step; metrics.csv has it per logged step
         "code": code_version(method_files(type(method))),
         "libraries": library_versions(),
         "hardware": hardware(),
@@ -396,7 +443,9 @@ def _finish_record(
         steps=progress.step,
         epochs_completed=progress.step / per_epoch,
         budget={
-            "epochs": cfg.train.epochs,
+            "kind": "flops" if cfg.train.flops_budget else "epochs",
+            "epochs": None if cfg.train.flops_budget else cfg.train.epochs,
+            "flops_budget": cfg.train.flops_budget,
             "time_budget_s": cfg.train.time_budget_s,
             "stopped_by": progress.stopped_by,
         },

@@ -30,6 +30,7 @@ BUDGET_KEYS = (
     "train.batch_size",
     "train.epochs",
     "train.time_budget_s",
+    "train.flops_budget",
     "train.precision",
     "train.accelerator",
 )

@@ -247,16 +247,31 @@ def write_report(
     curve_metric: str = "knn_cls",
     mode: str = "identical_budget",
     probe: dict[str, Any] | None = None,
+    budget: str = "epochs",
 ) -> Path:
-    """``table2_<scale>.md`` and ``.csv`` plus two figures; returns the markdown path."""
+    """``table2_<scale>.md`` and ``.csv`` plus the figures; returns the markdown path.
+    ``budget``: the shared budget's kind (epochs, flops: equal compute, seconds)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     references = read_references()
     table = build_table(results, comparison, methods, seeds, tasks, references, probe)
+    if curves is not None and "training_flops" in curves:
+        spent = curves.groupby(["method", "seed"])["training_flops"].max().groupby("method").mean()
+        position = table.columns.get_loc("pre-train s")
+        table.insert(
+            position,
+            "training FLOPs",
+            [f"{spent[m]:.3g}" if m in spent.index and spent[m] > 0 else "" for m in methods],
+        )
     rows = headline_rows(results, comparison, tasks)
     with_numbers(table, rows, methods).to_csv(out_dir / f"table2_{scale}.csv")
     figures = _figures(rows, out_dir, scale) if len(rows) else []
-    title = "under one budget" if mode == "identical_budget" else "each at its published recipe"
+    kinds = {"epochs": "equal epochs", "flops": "equal compute", "seconds": "equal time"}
+    title = (
+        f"under one budget ({kinds.get(budget, budget)})"
+        if mode == "identical_budget"
+        else "each at its published recipe"
+    )
     lines = [f"# Table 2 ({scale}): {', '.join(methods)} {title}", ""]
     if header:
         lines += [header, ""]
@@ -302,6 +317,15 @@ def write_report(
             "against training seconds.",
             "",
         ]
+        if "training_flops" in curves and curves["training_flops"].notna().any():
+            figures.append(_accuracy_vs_flops(curves, out_dir, scale, metric))
+            lines += [
+                "Accuracy against training FLOPs (log scale): the same k-NN curves against "
+                "the FLOPs each run had spent (its counted FLOPs per step x steps; run.json "
+                "`flops_per_step`), each ending at its run's total: the view that is the "
+                "same on every machine.",
+                "",
+            ]
         lines += _equal_time_section(curves, metric, methods, out_dir, scale)
     lines += [f"![{name}]({name})" for name in figures]
     path = out_dir / f"table2_{scale}.md"
@@ -417,7 +441,8 @@ def _equal_time_section(
     references = [*present[:1], *[m for m in present[1:] if m == RANDOM_INIT]]
     paired, differences = paired_table(rows, present, references, [measure])
     return [
-        f"Equal time: the same comparison after {rows['seconds'].iloc[0]:.0f} s of pre-training "
+        f"Equal time (machine-specific: seconds differ between machines, FLOPs do not): the "
+        f"same comparison after {rows['seconds'].iloc[0]:.0f} s of pre-training "
         "(the shortest run's total), from the k-NN curves: each run's last monitor point at or "
         "before that time. Methods that are cheaper per epoch have seen more epochs.",
         "",
@@ -460,6 +485,36 @@ def _learning_curves(curves: pd.DataFrame, out_dir: Path, scale: str, metric: st
     name = f"table2_{scale}_learning_curves.png"
     grid.savefig(out_dir / name, dpi=110)
     plt.close(grid.figure)
+    return name
+
+
+def _accuracy_vs_flops(curves: pd.DataFrame, out_dir: Path, scale: str, metric: str) -> str:
+    """k-NN during pre-training against training FLOPs spent (log x), one line per seed."""
+    data = curves[curves["training_flops"] > 0].assign(
+        value=lambda f: f[metric] * 100, seed=lambda f: "seed " + f["seed"].astype(str)
+    )
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    sns.lineplot(
+        data=data,
+        x="training_flops",
+        y="value",
+        hue="method",
+        style="seed",
+        estimator=None,
+        markers=True,
+        ax=ax,
+    )
+    floor = curves[curves["step"] == 0][metric].mean() * 100
+    ax.axhline(floor, color="black", linestyle=":", linewidth=1, label="step 0 (floor)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs spent (counted, all devices)")
+    ax.set_ylabel(f"k-NN top-1 (%, {metric.removeprefix('knn_')} features)")
+    ax.set_title("k-NN against pre-training compute; each line ends at its run's total", size=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    name = f"table2_{scale}_accuracy_vs_flops.png"
+    fig.savefig(out_dir / name, dpi=110)
+    plt.close(fig)
     return name
 
 

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -150,10 +151,7 @@ def report_comparison(
             "the rows with each other; `ropim recipes` lists every setting with its source."
         )
     else:
-        header += (
-            "Same backbone, data, flips, batch and epochs for every method; each keeps its own "
-            "masking, loss, optimiser, schedule, crops and drop path (its published recipe)."
-        )
+        header += budget_sentence(planned[0].config.train)
     first = planned[0].config.run
     runs = (Path(first.output_dir) / first.name).parent / "<method>_seed<s>"
     header += (
@@ -188,11 +186,47 @@ def report_comparison(
         curve_metric=f"knn_{feature}",
         mode=section.get("mode", "identical_budget"),
         probe=probe_protocol(raw),
+        budget=budget_kind(planned[0].config.train),
     )
     text = [line for line in path.read_text().splitlines() if not line.startswith("![")]
     print("\n".join(text))  # the table and what it supports, where the run ends
     print(f"report: {path}")
     return path
+
+
+def budget_kind(train: Any) -> str:
+    """``flops`` (train.flops_budget: equal compute), ``seconds`` or ``epochs``."""
+    if train.flops_budget is not None:
+        return "flops"
+    return "seconds" if train.time_budget_s is not None else "epochs"
+
+
+def budget_sentence(train: Any) -> str:
+    """The report header's statement of the shared budget and what kind it is."""
+    common = (
+        "each keeps its own masking, loss, optimiser, schedule, crops and drop path (its "
+        "published recipe)."
+    )
+    kind = budget_kind(train)
+    if kind == "flops":
+        return (
+            f"**Equal compute**: every method trains for the same {train.flops_budget:.4g} "
+            "training FLOPs (train.flops_budget; each run's steps are floor(budget / its "
+            "counted FLOPs per step), and its schedule spans exactly those steps, so every "
+            "schedule reaches its end); same backbone, data, flips and batch for every method; "
+            + common
+        )
+    if kind == "seconds":
+        return (
+            f"**Equal time** (machine-specific): every method trains for "
+            f"{train.time_budget_s:g} s on this machine (train.time_budget_s); same backbone, "
+            "data, flips and batch; " + common
+        )
+    return (
+        f"**Equal epochs**: same backbone, data, flips, batch and {train.epochs:g} epochs for "
+        "every method (methods cheaper per step spend fewer training FLOPs: run.json "
+        "`training_flops`); " + common
+    )
 
 
 def provenance_note(planned: list) -> str:
