@@ -107,7 +107,9 @@ def test_a_comparison_refuses_methods_with_different_flops_budgets(tmp_path):
         name: load_config(TINY_CONFIG, [f"train.flops_budget={value}"])
         for name, value in (("a", 1e12), ("b", 2e12))
     }
-    with pytest.raises(ConfigError, match="train.flops_budget is 1000000000000.0 vs. 2000000000000.0"):
+    with pytest.raises(
+        ConfigError, match="train.flops_budget is 1000000000000.0 vs. 2000000000000.0"
+    ):
         check_budget_parity(configs)
 
 

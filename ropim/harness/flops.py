@@ -5,14 +5,17 @@ One forward and backward of the step's loss runs under :class:`torch.utils.flop_
 FlopCounterMode`, which counts matrix multiplications, convolutions and attention (elementwise
 operations, normalisation and the optimiser are not counted: a few percent of a ViT's step).
 Nothing of the counted step survives: gradients are dropped and buffers (BatchNorm statistics)
-and the random generators are restored, so a run is bit-identical with or without the count.
+and the random generators (torch, NumPy, Python's) are restored, so a run is bit-identical with
+or without the count, and a resumed run (which counts again) matches an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -44,6 +47,7 @@ def count_flops(module: nn.Module, step: Callable[[], Tensor]) -> float:
     the module's gradients, buffers and the random generators as they were."""
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
     grads = {name: p.grad for name, p in module.named_parameters()}
+    python_rng, numpy_rng = random.getstate(), np.random.get_state()  # timm's mixup draws here
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
@@ -57,6 +61,8 @@ def count_flops(module: nn.Module, step: Callable[[], Tensor]) -> float:
         with torch.no_grad():
             for name, buffer in module.named_buffers():
                 buffer.copy_(buffers[name])
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)

@@ -443,7 +443,9 @@ def _finish_record(
         steps=progress.step,
         epochs_completed=progress.step / per_epoch,
         budget={
-            "kind": "flops" if cfg.train.flops_budget else "epochs",
+            "kind": "flops"
+            if cfg.train.flops_budget
+            else ("seconds" if cfg.train.time_budget_s else "epochs"),
             "epochs": None if cfg.train.flops_budget else cfg.train.epochs,
             "flops_budget": cfg.train.flops_budget,
             "time_budget_s": cfg.train.time_budget_s,
