@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,6 +307,18 @@ COMPARISON_PRESETS = sorted(
     for p in (PROJECT_ROOT / "configs").glob("*.yaml")
     if "\ncompare:" in f"\n{p.read_text()}"
 )
+
+
+def test_no_two_comparison_presets_write_the_same_report():
+    """A sibling preset inherits its base's compare.scale, which names the report: one that
+    kept it overwrote reports/table2_smoke.md."""
+    from ropim.harness.config import read_yaml
+
+    names = {}
+    for preset in COMPARISON_PRESETS:
+        section = read_yaml(preset)["compare"]
+        names.setdefault(section.get("scale") or Path(preset).stem, []).append(preset)
+    assert [group for group in names.values() if len(group) > 1] == []
 
 
 @pytest.mark.parametrize("preset", COMPARISON_PRESETS, ids=lambda p: p.rsplit("/", 1)[-1])

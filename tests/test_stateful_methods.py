@@ -251,3 +251,36 @@ def test_the_published_card_lists_every_maskfeat_and_data2vec_setting_with_its_s
             assert settings[f"method.{key}"]["source"] != cls.recipe.source, key
         published = {r["key"] for r in mine if r["protocol"] == "finetune"}
         assert "reference.top1_best" in published
+
+
+def test_export_and_tasks_take_the_encoder_the_method_names(tmp_path):
+    from downstream.encoder import load_pretrained_encoder
+
+    folder = tmp_path / "methods"
+    folder.mkdir()
+    (folder / "teacherout.py").write_text(
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('ft', {EXAMPLES + '/frozenteacher.py'!r})\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n\n\n"
+        "class TeacherOut(module.FrozenTeacher):\n"
+        "    name = 'teacherout'\n"
+        "    encoder_name = 'teacher'  # downstream tasks take the EMA teacher\n"
+    )
+    for name, dirs, prefix in (
+        ("frozenteacher", (EXAMPLES,), "backbone."),
+        ("teacherout", (str(folder),), "teacher."),
+    ):
+        cfg = load_config(
+            TINY_CONFIG,
+            [f"run.output_dir={tmp_path}", f"run.name={name}", f"method={{name: {name}}}"],
+        )
+        run_dir = pretrain(cfg, method_dirs=dirs)
+        folder_ = run_dir / "checkpoints"
+        saved = load_file(str(folder_ / (folder_ / "latest").read_text() / "model.safetensors"))
+        encoder, _ = load_pretrained_encoder(run_dir)
+        for key, value in encoder.state_dict().items():
+            assert torch.equal(value, saved[prefix + key]), (name, key)
+        assert not torch.equal(
+            saved["teacher.vit.blocks.0.mlp.fc1.weight"],
+            saved["backbone.vit.blocks.0.mlp.fc1.weight"],
+        )
