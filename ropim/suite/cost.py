@@ -21,9 +21,10 @@ from ropim.suite.compare import plan_comparison
 
 IMAGENET_TRAIN = 1_281_167  # ImageNet-1k training images (the papers' epochs are over these)
 # MFU the suite measured: `make gpu-check` on one H100 (2026-11-28, bf16, ViT-B/16, batch 128)
-# timed ROPIM at 2,099 images/s; at its counted 5.4e10 FLOPs per image (forward + backward,
-# docs/benchmarks.md) that is 113 TFLOP/s of the card's 989 bf16 peak.
-MEASURED_MFU = 0.115
+# timed ROPIM at 2,099 images/s; at its counted 1.06e11 FLOPs per image (forward + backward,
+# `ropim cost`) that is 222 TFLOP/s, 22.5% of the card's 989 bf16 peak (MAE's 2,293 images/s at
+# 5.63e10 FLOPs per image is 13%: docs/benchmarks.md).
+MEASURED_MFU = 0.225
 COUNTED_IMAGES = 2
 
 
@@ -69,7 +70,7 @@ def cost_rows(
         if cfg.train.flops_budget:
             steps = math.floor(cfg.train.flops_budget / (per_image * total_batch))
         else:
-            steps = steps_per_epoch * cfg.train.epochs if steps_per_epoch else None
+            steps = math.ceil(steps_per_epoch * cfg.train.epochs) if steps_per_epoch else None
         total = per_image * total_batch * steps if steps else None
         rows.append(
             {
