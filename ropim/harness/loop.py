@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
 from ropim.harness.checkpoint import CheckpointDir
@@ -423,10 +424,13 @@ class _LoopRun:
         """FLOPs of one step on ``batch`` over all devices; nothing of the counted pass is kept
         (gradients, buffers and random generators restored)."""
         step = self.progress.step
+        # A copy: a step's loss may change its batch in place (timm's mixup does), and the
+        # real step must see the batch as the loader gave it.
+        copy = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, batch)
 
         def loss() -> Tensor:
             seed_torch(derive_seed(self.plan.seed, "step", step, self.rank))
-            return self.hooks.loss(self.model, batch, step)[0]
+            return self.hooks.loss(self.model, copy, step)[0]
 
         per_device = count_flops(self.module, loss)
         total = torch.tensor(per_device, device=self.fabric.device)
