@@ -122,3 +122,5 @@ def test_cost_prints_each_methods_training_flops_and_gpu_hours(capsys):
     assert "GPU-hours at 50.0% model-FLOPs utilisation" in out
     assert main(["cost", "--config", TINY_TABLE, "--gpu", "TPU"]) == 2
     assert capsys.readouterr().err.startswith("error: --gpu 'TPU'")
+    assert main(["cost", "--config", TINY_TABLE, "--devices", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --devices 0 must be a positive")

@@ -97,8 +97,10 @@ def _method_package_dirs() -> list[Path]:
     import importlib.metadata
     import importlib.util
 
+    from ropim.harness.registry import PACKAGE_GROUP  # the registry's own group name
+
     found = []
-    for point in importlib.metadata.entry_points(group="ropim.method_packages"):
+    for point in importlib.metadata.entry_points(group=PACKAGE_GROUP):
         spec = importlib.util.find_spec(point.value)
         found += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
     return found

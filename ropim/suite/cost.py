@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from ropim.harness.config import load_config
+from ropim.harness.errors import ConfigError
 from ropim.harness.pretrain import set_up_pretraining
 from ropim.suite.bench import BF16_PEAK_TFLOPS, peak_tflops
-from ropim.suite.compare import plan_comparison
+from ropim.suite.recipes import preset_runs
 
 IMAGENET_TRAIN = 1_281_167  # ImageNet-1k training images (the papers' epochs are over these)
 # MFU the suite measured: `make gpu-check` on one H100 (2026-11-28, bf16, ViT-B/16, batch 128)
@@ -26,20 +26,6 @@ IMAGENET_TRAIN = 1_281_167  # ImageNet-1k training images (the papers' epochs ar
 # 5.63e10 FLOPs per image is 13%: docs/benchmarks.md).
 MEASURED_MFU = 0.225
 COUNTED_IMAGES = 2
-
-
-def _configs(config: str | Path, overrides: list[str]) -> dict[str, Any]:
-    """One config per method: a comparison's first seed of each, or the single run's."""
-    from ropim.harness.config import read_yaml
-
-    if "compare" in read_yaml(config):
-        found: dict[str, Any] = {}
-        for planned in plan_comparison(config, overrides):
-            if planned.pretrained and planned.method not in found:
-                found[planned.method] = planned.config
-        return found
-    cfg = load_config(config, overrides)
-    return {cfg.method.get("name", ""): cfg}
 
 
 def cost_rows(
@@ -54,11 +40,14 @@ def cost_rows(
     peak = peak_tflops(gpu)
     if peak is None:
         known = ", ".join(name for name, _ in BF16_PEAK_TFLOPS)
-        from ropim.harness.errors import ConfigError
-
         raise ConfigError(f"--gpu {gpu!r}: no bf16 peak known; choose one of {known}")
+    for name, value in (("--devices", devices), ("--images", images)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} {value} must be a positive whole number")
     rows = []
-    for method, cfg in _configs(config, list(overrides or [])).items():
+    runs, _ = preset_runs(config, [], list(overrides or []))
+    for method, (cfg, _given) in runs.items():
+        print(f"counting {method}'s step ({cfg.model.name}, {cfg.model.img_size} px)", flush=True)
         cfg.train.accelerator, cfg.train.precision = "cpu", "32-true"
         setup = set_up_pretraining(cfg)
         torch.manual_seed(0)

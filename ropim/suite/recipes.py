@@ -38,7 +38,7 @@ def protocols() -> list[str]:
     return found
 
 
-def _preset_runs(
+def preset_runs(
     config: str | Path | None, methods: list[str], overrides: list[str]
 ) -> tuple[dict[str, tuple[Config, set[str] | None]], dict[str, Any]]:
     """Per method, the config its first planned run trains with and the keys the preset set."""
@@ -116,7 +116,7 @@ def recipe_card(
             raise ConfigError(f"unknown protocol {name!r} (--protocol); choose from {every}")
     if devices < 1:
         raise ConfigError(f"--devices={devices} must be at least 1")
-    runs, raw = _preset_runs(config, methods or known, list(overrides or []))
+    runs, raw = preset_runs(config, methods or known, list(overrides or []))
     if methods:
         missing = [m for m in methods if m not in runs]
         if missing:
