@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from ropim.harness.errors import CheckpointError, ConfigError, DataError, TrainingError
 from ropim.harness.preemption import Preempted
@@ -14,7 +15,7 @@ from ropim.harness.preemption import Preempted
 def _parser() -> argparse.ArgumentParser:
     from ropim.harness.records import package_version
 
-    parser = argparse.ArgumentParser(prog="ropim", description=__doc__)
+    parser = _Parser(prog="ropim", description=__doc__)
     parser.add_argument(
         "--version", action="version", version=f"ropim-bench {package_version() or 'unknown'}"
     )
@@ -104,51 +105,53 @@ def _parser() -> argparse.ArgumentParser:
         "bench-pretrain", help="step speed per method, with each method's ablations"
     )
     bp.add_argument("--config", "-c", required=True, help="a comparison config")
-    bp.add_argument("--steps", type=int, default=10)
+    bp.add_argument("--steps", type=_positive, default=10)
     bp.add_argument("--out", default="results/bench", help="folder for the CSV of the numbers")
     bp.add_argument("overrides", nargs="*")
     bd = sub.add_parser(
         "bench-data", help="views/s of the JPEG data path per core and with workers"
     )
     bd.add_argument("--folder", default="runs/bench_data", help="where the JPEGs are made once")
-    bd.add_argument("--img-size", type=int, default=224)
-    bd.add_argument("--count", type=int, default=200, help="JPEGs to time (500x375)")
-    bd.add_argument("--workers", type=int, default=None, help="default: all cores")
+    bd.add_argument("--img-size", type=_positive, default=224)
+    bd.add_argument("--count", type=_positive, default=200, help="JPEGs to time (500x375)")
+    bd.add_argument("--workers", type=_positive, default=None, help="default: all cores")
     bd.add_argument("--config", "-c", help="also: loader rate / this config's training step rate")
     bd.add_argument("overrides", nargs="*", help="for --config, e.g. train.batch_size=16")
     bl = sub.add_parser(
         "bench-loop", help="the harness's images/s next to a plain PyTorch loop's (A/B rounds)"
     )
     bl.add_argument("--config", "-c", required=True, help="a single-run config")
-    bl.add_argument("--steps", type=int, default=60)
-    bl.add_argument("--rounds", type=int, default=2)
+    bl.add_argument("--steps", type=_positive, default=60)
+    bl.add_argument("--rounds", type=_positive, default=2)
     bl.add_argument("--folder", default="runs/bench_loop", help="scratch folder for the runs")
     bl.add_argument("overrides", nargs="*")
     bdn = sub.add_parser(
         "bench-dense", help="one ViTDet (windowed vs. global) and UperNet iteration: time, memory"
     )
-    bdn.add_argument("--detection-size", type=int, default=1024)
-    bdn.add_argument("--segmentation-size", type=int, default=512)
-    bdn.add_argument("--depth", type=int, default=12)
+    bdn.add_argument("--detection-size", type=_positive, default=1024)
+    bdn.add_argument("--segmentation-size", type=_positive, default=512)
+    bdn.add_argument("--depth", type=_positive, default=12)
     bdn.add_argument("--cap-gib", type=float, default=18.0, help="memory cap per variant")
     bdn.add_argument(
         "--variants", nargs="+", help="vitdet_windowed, vitdet_global, upernet (default: all)"
     )
     bench = sub.add_parser("bench-step", help="time training steps (images/s, peak memory)")
     bench.add_argument("--config", "-c", required=True)
-    bench.add_argument("--steps", type=int, default=10)
-    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--steps", type=_positive, default=10)
+    bench.add_argument("--warmup", type=_non_negative, default=3)
     bench.add_argument("overrides", nargs="*")
     gpu = sub.add_parser("gpu-check", help="on a CUDA machine: paper-scale step speeds, resume")
     gpu.add_argument("--out", default="results/gpu_check", help="folder for the JSON and CSV")
-    gpu.add_argument("--steps", type=int, default=20)
+    gpu.add_argument("--steps", type=_positive, default=20)
     ex = sub.add_parser("export", help="a run's encoder as a timm model folder (local-dir:, Hub)")
     ex.add_argument("run", help="a pre-training run directory")
     ex.add_argument("out", help="new folder to write")
     ex.add_argument("--results", default="results/results.csv", help="scores for the model card")
     cd = sub.add_parser("check-data", help="scan the configured image folder before training")
     cd.add_argument("--config", "-c", required=True)
-    cd.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    cd.add_argument(
+        "--workers", type=_positive, default=None, help="processes (default: all cores)"
+    )
     cd.add_argument("overrides", nargs="*")
     sub.add_parser("tasks", help="list the downstream tasks, their protocols and metrics")
     cfgs = sub.add_parser(
@@ -167,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     recipes.add_argument("--config", "-c", help="resolve against a preset (its values win)")
     recipes.add_argument(
-        "--devices", type=int, default=1, help="devices the lr and batch totals assume"
+        "--devices", type=_positive, default=1, help="devices the lr and batch totals assume"
     )
     recipes.add_argument("overrides", nargs="*", help="key=value over the preset")
     recipes.add_argument("--format", choices=("table", "csv"), default="table")
@@ -176,9 +179,11 @@ def _parser() -> argparse.ArgumentParser:
         help="each method's training FLOPs and the GPU-hours they imply, before submitting",
     )
     cost.add_argument("--config", "-c", required=True, help="e.g. configs/table2_published.yaml")
-    cost.add_argument("--devices", type=int, default=8, help="devices the total batch assumes")
     cost.add_argument(
-        "--images", type=int, default=None, help="images per epoch (default: ImageNet-1k's)"
+        "--devices", type=_positive, default=8, help="devices the total batch assumes"
+    )
+    cost.add_argument(
+        "--images", type=_positive, default=None, help="images per epoch (default: ImageNet-1k's)"
     )
     cost.add_argument("--gpu", default="H100", help="card whose bf16 peak the hours assume")
     cost.add_argument(
@@ -188,6 +193,32 @@ def _parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list the masking methods that can be selected")
     methods.add_argument("--method-dir", action="append", default=[])
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one ``error:`` line, like every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _whole_number(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} must be {low} or more")
+    return value
+
+
+def _positive(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _non_negative(text: str) -> int:
+    return _whole_number(text, 0)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -207,7 +238,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+    try:
+        args = _parse(argv)
+    except SystemExit as exc:  # --help (0) or a usage mistake, already said in one line
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         if getattr(args, "print_config", False):  # the mapping the command would read
             return _print_config(args.config, args.overrides)

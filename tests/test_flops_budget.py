@@ -123,4 +123,6 @@ def test_cost_prints_each_methods_training_flops_and_gpu_hours(capsys):
     assert main(["cost", "--config", TINY_TABLE, "--gpu", "TPU"]) == 2
     assert capsys.readouterr().err.startswith("error: --gpu 'TPU'")
     assert main(["cost", "--config", TINY_TABLE, "--devices", "0"]) == 2
-    assert capsys.readouterr().err.startswith("error: --devices 0 must be a positive")
+    assert capsys.readouterr().err == (
+        "error: ropim cost: argument --devices: 0 must be 1 or more (see ropim cost --help)\n"
+    )

@@ -3,6 +3,7 @@ status 128 + signal; the resumed run ends with the weights of an uninterrupted o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -74,4 +75,19 @@ def test_sigterm_checkpoints_a_fine_tune_and_the_resume_is_bit_identical(tmp_pat
     assert (folder / "latest").read_text() == "step_00000004"
     evaluate("classification", run_dir, AUGMENTED_FINETUNE, tmp_path / "b.csv")
     resumed = _latest_weights(folder)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_signal_during_the_last_step_still_stops_the_command(tmp_path):
+    """The last step's evaluation and checkpoint are where a pre-emption most often lands; the
+    signal must still end the command (so a driver does not start the next unit and the job is
+    requeued), and the resumed run completes with the weights of an uninterrupted one."""
+    straight = _latest_weights(pretrain(_cfg(tmp_path / "a")) / "checkpoints")
+    with pytest.raises(Preempted, match="stopped by SIGTERM at step 8"):  # 256 / 32: the last
+        pretrain(_cfg(tmp_path / "b"), after_step=[signal_at(8)])
+    run_dir = tmp_path / "b" / "ropim_tiny"
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000008"
+    pretrain(_cfg(tmp_path / "b"), resume=True)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    resumed = _latest_weights(run_dir / "checkpoints")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -14,6 +14,7 @@ import types
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from downstream.encoder import load_pretrained_encoder
 from ropim.cli import main
@@ -146,7 +147,7 @@ def test_an_edited_local_dir_is_refused(tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["export", str(run_dir), str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["pretrained_cfg"]["tag"] == f"ropim-{tmp_path.name}-seed0"
+    assert config["pretrained_cfg"]["tag"] == "ropim-ropim_tiny-seed0"  # the run's own name
     pretrained = config["pretrained_cfg"]
     assert pretrained["license"] == "mit" and "hf_hub_id" not in pretrained
     card = (out / "README.md").read_text()
@@ -158,10 +159,17 @@ def test_an_edited_local_dir_is_refused(tmp_path, capsys):
     with pytest.raises(Exception, match=r"edited after export \(num_heads 2 -> 4\)"):
         import_weights(f"local-dir:{out}", {}, tmp_path)
 
+    edited.pop("ropim_model_args")  # the record removed too: the weights file keeps a copy
+    (out / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(Exception, match=r"model.safetensors was exported with \(num_heads 2 -> 4"):
+        import_weights(f"local-dir:{out}", {}, tmp_path)
+
     edited = json.loads(json.dumps(config))  # a folder from elsewhere, patch size 7 -> 14
     edited.pop("ropim_model_args")
     edited["model_args"]["patch_size"] = 14
     (out / "config.json").write_text(json.dumps(edited))
+    weights = out / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights))  # no metadata: not one of our exports
     with pytest.raises(CheckpointError, match=r"patch_embed.proj.weight \(32, 3, 7, 7\) vs"):
         import_weights(f"local-dir:{out}", {}, tmp_path)
 

@@ -69,6 +69,30 @@ def test_a_live_claim_is_refused_and_a_stale_one_taken_over(tmp_path, monkeypatc
     assert not claims.Claim(path).acquire()
 
 
+def test_a_claim_that_could_not_be_written_blocks_nobody(tmp_path, monkeypatch):
+    """A full disk while writing a claim removes it and says so; an empty claim left by a
+    creator that died before writing is stale after one heartbeat, not after ten minutes."""
+    import pytest
+
+    path = tmp_path / "unit.claim"
+
+    def full(*_args, **_kw):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(claims.json, "dump", full)
+        with pytest.raises(claims.ClaimError, match="could not write the claim .*No space left"):
+            claims.Claim(path).acquire()
+    assert not path.exists()
+    path.write_bytes(b"")  # an empty claim, written moments ago: its creator may be mid-write
+    assert not claims.Claim(path).acquire()
+    old = time.time() - claims.unreadable_stale_s() - 1
+    os.utime(path, (old, old))
+    taker = claims.Claim(path)
+    assert claims.stale_after_s() == 600 and taker.acquire()
+    taker.release()
+
+
 def test_processes_split_the_units_and_finish_a_dead_claimants_work(tmp_path):
     workers = [_worker(tmp_path, 0.3) for _ in range(2)]
     outputs = [w.communicate(timeout=120)[0] for w in workers]

@@ -147,6 +147,11 @@ class ClassificationSettings(TaskSettings):
             )
         if self.feature not in ("cls", "avg"):
             raise ConfigError(f"{section}.feature={self.feature!r} must be cls or avg")
+        if not self.knn.k >= 1 or not self.knn.temperature > 0:
+            raise ConfigError(
+                f"{section}.knn: k={self.knn.k} must be 1 or more and temperature="
+                f"{self.knn.temperature} positive (DINO's: k 20, temperature 0.07)"
+            )
         if self.linear.optimizer not in ("lars", "sgd"):
             raise ConfigError(
                 f"{section}.linear.optimizer={self.linear.optimizer!r} must be lars or sgd"

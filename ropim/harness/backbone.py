@@ -14,6 +14,7 @@ from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from ropim.harness.architecture_values import check_model_values
 from ropim.harness.errors import ConfigError
 
 
@@ -26,6 +27,24 @@ def _check_model_name(name: str) -> None:
         f"unknown model name {name!r} (model.name). Use a timm ViT such as "
         f"'vit_tiny_patch16_224' or 'vit_base_patch16_224'.{hint}"
     )
+
+
+VIT_FAMILIES = ("timm.models.vision_transformer", "timm.models.beit", "timm.models.deit")
+
+
+def check_vit_family(name: Any, where: str = "model.name") -> None:
+    """A registered timm ViT or BEiT, checked by name before anything is built."""
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}={name!r} must be a timm model name")
+    _check_model_name(name)
+    from timm.models import model_entrypoint
+
+    family = model_entrypoint(name).__module__
+    if family not in VIT_FAMILIES:
+        raise ConfigError(
+            f"{where}={name!r} is a {family.rsplit('.', 1)[-1]} model, not a timm "
+            f"VisionTransformer or Beit; choose a 'vit_*' or 'beit_*' model"
+        )
 
 
 POSITIONS = ("learned", "sincos")
@@ -144,12 +163,7 @@ class ViTBackbone(nn.Module):
                 f"model.position={position!r} / model.init={init!r}: choose position from "
                 f"{POSITIONS} and init from {INITS}"
             )
-        if img_size <= 0 or patch_size <= 0 or img_size % patch_size:
-            raise ConfigError(
-                f"model.img_size={img_size} is not divisible by model.patch_size={patch_size}; "
-                f"pick an image size that is a multiple of the patch size "
-                f"(e.g. {max(patch_size, img_size // patch_size * patch_size)})"
-            )
+        check_model_values(img_size, patch_size, in_chans, model_kwargs)
         self.name = name
         self.init = init
         if name.startswith("beit"):
@@ -167,10 +181,11 @@ class ViTBackbone(nn.Module):
                 drop_path_rate=drop_path,
                 **model_kwargs,
             )
-        except TypeError as exc:
+        except (TypeError, ValueError, AssertionError, RuntimeError, ZeroDivisionError) as exc:
             raise ConfigError(
                 f"model.name={name!r} cannot be built as a plain ViT with img_size/patch_size "
-                f"and model.kwargs={model_kwargs!r}: {exc}. It is not a plain timm "
+                f"and model.kwargs={model_kwargs!r}: {type(exc).__name__}: "
+                f"{(str(exc).splitlines() or [''])[0][:200]}. It is not a plain timm "
                 f"VisionTransformer, or a kwarg is wrong."
             ) from None
         if not isinstance(vit, (VisionTransformer, Beit)):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ropim.harness.errors import CheckpointError
+from ropim.harness.records import write_atomic
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -108,6 +109,25 @@ def load_weights(
     return metadata
 
 
+def weight_peak(path: Path, keys: set[str] | None = None) -> float:
+    """The largest magnitude among a weights file's floating-point values (those of ``keys``
+    when given; inf if any is not finite), read one tensor at a time."""
+    from safetensors import safe_open
+
+    peak = 0.0
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+            if keys is not None and key not in keys:
+                continue
+            tensor = handle.get_tensor(key)
+            if tensor.is_floating_point() and tensor.numel():
+                values = tensor.detach().float()
+                if not torch.isfinite(values).all():
+                    return float("inf")
+                peak = max(peak, float(values.abs().max()))
+    return peak
+
+
 def _complete(path: Path) -> bool:
     return (path / WEIGHTS_FILE).is_file() and (path / STATE_FILE).is_file()
 
@@ -156,6 +176,32 @@ class CheckpointDir:
         print(f"{what}; using {complete[-1].name}", file=sys.stderr)
         return complete[-1]
 
+    def newest_sane(
+        self, bound: float, keys: set[str] | None = None
+    ) -> tuple[Path | None, list[tuple[Path, float]]]:
+        """After a divergence: the newest complete checkpoint, at or before the one ``latest``
+        names, whose weights are all finite and at most ``bound`` in magnitude, and the newer
+        ones that are not (with their largest magnitude). Weights can blow up steps before the
+        loss does, so "the last finite loss" alone may name a checkpoint that diverges again.
+        ``keys`` limits the check to those tensors (the parameters: a float step counter among
+        the buffers may be large and healthy)."""
+        latest = self.latest()
+        if latest is None:
+            return None, []
+        blown = []
+        for path in reversed(
+            [p for p in self._complete_steps() if _step_of(p) <= _step_of(latest)]
+        ):
+            peak = weight_peak(path / WEIGHTS_FILE, keys)
+            if peak <= bound:
+                return path, blown
+            blown.append((path, peak))
+        return None, blown
+
+    def point_latest_at(self, path: Path) -> None:
+        """Make ``latest`` name ``path`` (atomically); newer checkpoints stay on disk."""
+        write_atomic(self.root / "latest", path.name)
+
     def save(
         self,
         fabric: Any,
@@ -186,9 +232,7 @@ class CheckpointDir:
         if fabric.global_rank == 0:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
-            tmp = self.root / "latest.tmp"
-            tmp.write_text(final.name)
-            os.replace(tmp, self.root / "latest")
+            self.point_latest_at(final)
             self._prune(final)
         fabric.barrier()
         return final

@@ -24,7 +24,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ropim.harness.errors import CheckpointError
 from ropim.harness.runtime import launch_id, launch_rank
+
+
+class ClaimError(CheckpointError):
+    """A claim could not be written (the shared folder's file system refused it)."""
 
 
 def stale_after_s() -> float:
@@ -37,6 +42,12 @@ def poll_s() -> float:
 
 def heartbeat_s() -> float:
     return max(min(30.0, stale_after_s() / 5), 0.05)
+
+
+def unreadable_stale_s() -> float:
+    """A claim without its holder's fields (a creator that died between creating and writing
+    it, or a full disk) is stale this soon: a live creator writes them within milliseconds."""
+    return min(heartbeat_s(), stale_after_s())
 
 
 def _read(path: Path) -> tuple[bytes, dict[str, Any]] | None:
@@ -89,8 +100,15 @@ class Claim:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as handle:
-            json.dump(fields, handle)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(fields, handle)
+        except OSError as exc:  # a full disk: no empty claim may stay behind to block others
+            self.path.unlink(missing_ok=True)
+            raise ClaimError(
+                f"could not write the claim {self.path} ({exc.strerror or exc}); nothing was "
+                f"started: free space on that file system, then run the same command again"
+            ) from None
         return True
 
     def _stale(self, fields: dict[str, Any]) -> bool:
@@ -99,6 +117,8 @@ class Claim:
         except FileNotFoundError:
             return True
         if age > stale_after_s():
+            return True
+        if "launch" not in fields and age > unreadable_stale_s():
             return True
         same_host = fields.get("host") == socket.gethostname()
         pid = fields.get("pid")

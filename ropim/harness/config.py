@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-from ropim.harness.errors import ConfigError
+from ropim.harness.architecture_values import IMAGE_CHANNELS, check_model_values
+from ropim.harness.errors import ConfigError, check_name
 
 
 @dataclass
@@ -210,13 +211,45 @@ def build_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+MAX_YAML_CHARS = 1_000_000  # a config is a few kB; bigger is a wrong file
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a few nested aliases (a "billion laughs") expand
+    to gigabytes once a config is copied or printed; ``base:`` shares settings instead."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"an alias (*{event.anchor}) is not allowed in a config; repeat the "
+                "value or share it through 'base:'", event.start_mark
+            )  # fmt: skip
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML (no aliases, bounded size); errors name ``where`` and the
+    line."""
+    if len(text) > MAX_YAML_CHARS:
+        raise ConfigError(f"{where} holds {len(text):,} characters; a config is at most 1 MB")
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"{where}{at} is not valid YAML: {problem}") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     key, value = text.split("=", 1)
-    if not key:
+    if not key or "" in key.split("."):
         raise ConfigError(f"override {text!r} has an empty key")
-    return key.split("."), yaml.safe_load(value) if value != "" else None
+    parsed = safe_yaml(value, f"the value of override {text[:80]!r}") if value != "" else None
+    return key.split("."), parsed
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -301,14 +334,13 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def _read_mapping(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
-        raise ConfigError(f"{path}{where} is not valid YAML: {problem}; fix the file") from None
+        text = path.read_text()
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a text file; pass a YAML config") from None
+    try:
+        raw = safe_yaml(text, str(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; fix the file") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -349,6 +381,7 @@ def check_clip_grad(value: float | bool | None, key: str) -> None:
 def check_values(config: Config) -> None:
     """Values of the right type that still cannot work (a zero batch, a negative rate, a
     number that is not finite, a clipping norm of 0)."""
+    check_name("run.name", config.run.name)
     train = config.train
     if train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={train.precision!r} must be one of {PRECISIONS}")
@@ -412,6 +445,46 @@ def check_values(config: Config) -> None:
     for key, value in at_least_zero.items():
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{key}={value} must be a finite number, zero or more")
+    _check_data(config.data)
+    _check_train_extra(train)
+    probe = config.probe
+    for key, value in (("probe.knn_k", probe.knn_k), ("probe.max_iter", probe.max_iter),
+                       ("probe.knn_train_images", probe.knn_train_images)):  # fmt: skip
+        if not value >= 1:
+            raise ConfigError(f"{key}={value} must be a whole number, 1 or more")
+    model = config.model
+    check_model_values(model.img_size, model.patch_size, model.in_chans, model.kwargs)
+
+
+def _check_data(data: DataSection) -> None:
+    ratio = data.crop_ratio
+    if not (len(ratio) == 2 and all(math.isfinite(r) for r in ratio) and 0 < ratio[0] <= ratio[1]):
+        raise ConfigError(
+            f"data.crop_ratio={ratio} must be [low, high] aspect ratios with 0 < low <= high "
+            f"(the recipes' [0.75, 1.3333])"
+        )
+    if not 0 <= data.hflip <= 1:
+        raise ConfigError(f"data.hflip={data.hflip} is a probability: from 0 to 1")
+    if not 0 < data.val_fraction < 1:
+        raise ConfigError(
+            f"data.val_fraction={data.val_fraction} must lie strictly between 0 and 1"
+        )
+    for key, values in (("data.mean", data.mean), ("data.std", data.std)):
+        if values is None:
+            continue
+        if len(values) != IMAGE_CHANNELS or not all(math.isfinite(v) for v in values):
+            raise ConfigError(f"{key}={values} must be {IMAGE_CHANNELS} finite numbers (R, G, B)")
+        if key == "data.std" and not all(v > 0 for v in values):
+            raise ConfigError(f"{key}={values} must be positive: images are divided by it")
+
+
+def _check_train_extra(train: TrainSection) -> None:
+    betas = train.betas
+    if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        raise ConfigError(
+            f"train.betas={betas} must be two numbers in [0, 1) (Adam's beta1, beta2; e.g. "
+            f"[0.9, 0.95]), or null for the method's recipe"
+        )
 
 
 def save_config(config: Config, path: str | Path) -> None:

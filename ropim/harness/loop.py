@@ -41,6 +41,11 @@ from ropim.harness.tracking import Tracker
 # (model, batch, step) -> (loss, named loss terms to log); the model is the Fabric-wrapped one.
 StepLoss = Callable[[nn.Module, Any, int], tuple[Tensor, dict[str, Tensor]]]
 
+# After a divergence, a checkpoint is offered for the resume only if its weights are finite and
+# at most this large: trained ViT weights stay within ~1e2, while weights on their way to a
+# non-finite loss grow by many orders of magnitude first (1e10 seen in the wild).
+SANE_WEIGHT_BOUND = 1e4
+
 
 @dataclass
 class LoopPlan:
@@ -257,14 +262,17 @@ def train_loop(
                     run.save_checkpoint(signature, fingerprint)
                 for callback in hooks.after_step:
                     callback(run.progress.step)
-                if last:
-                    break
+                # Checked on the last step too: a signal that came during the final
+                # evaluation or checkpoint must stop the command (and a driver running several
+                # units) rather than be dropped when the handlers are restored.
                 signum = requests.pending(fabric)
                 if signum is not None:  # pre-empted: a checkpoint at this step, then stop
                     if not saved:
                         run.save_checkpoint(signature, fingerprint)
                     run.close()
                     raise Preempted(signum, run.progress.step, str(run.checkpoints.root))
+                if last:
+                    break
     run.close()
     run.model.eval()
     return run.result()
@@ -446,8 +454,20 @@ class _LoopRun:
 
     def _non_finite(self, bad: NonFiniteStep) -> TrainingError:
         plan = self.plan
-        kept = self.checkpoints.latest()
-        where = f"{kept.name}, finite" if kept else "none yet"
+        parameters = {name for name, _ in self.module.named_parameters()}
+        kept, blown = self.checkpoints.newest_sane(SANE_WEIGHT_BOUND, parameters)
+        where = f"{kept.name}, weights finite and below {SANE_WEIGHT_BOUND:.0e}" if kept else ""
+        if blown:  # the newest checkpoints already hold blown-up weights: skip them
+            named = ", ".join(f"{path.name} (max |w| {peak:.1e})" for path, peak in blown)
+            if kept is not None and self.rank == 0:
+                self.checkpoints.point_latest_at(kept)
+            where += (
+                f"; {named} blew up before the loss did, so 'latest' now names {kept.name} "
+                f"(those stay on disk)"
+                if kept
+                else f"none usable: {named} blew up before the loss did"
+            )
+        where = where or "none yet"
         advice = (
             f"resume with a lower learning rate ({', '.join(plan.resume_may_change)})"
             if plan.resume_may_change and kept

@@ -47,17 +47,61 @@ def read_run_record(run_dir: str | Path, finished: bool = False) -> dict[str, An
         raise CheckpointError(
             f"{Path(run_dir)} has not finished pre-training (status "
             f"{record.get('status')!r}); resume it with ropim pretrain --resume, or run the "
-            f"comparison again, before evaluating it"
+            f"comparison again, before evaluating or exporting it"
         )
+    if finished:
+        _check_finished_record(path, record)
     return record
 
 
+# What a finished run.json must hold for evaluation and export (name -> required sub-keys).
+FINISHED_FIELDS: dict[str, tuple[str, ...]] = {
+    "architecture": ("model", "img_size", "patch_size", "depth"),
+    "method": ("name",),
+    "dataset": ("name",),
+    "seed": (),
+    "epochs_completed": (),
+    "train_time_s": (),
+    "images_per_s": (),
+}
+
+
+def _check_finished_record(path: Path, record: dict[str, Any]) -> None:
+    for key, inner in FINISHED_FIELDS.items():
+        value = record.get(key)
+        missing = key if value is None else None
+        if missing is None and inner:
+            gaps = [k for k in inner if not isinstance(value, dict) or value.get(k) is None]
+            missing = f"{key}.{gaps[0]}" if gaps else None
+        if missing is not None:
+            raise CheckpointError(
+                f"{path} lacks {missing!r}: it was edited or written by another program; "
+                f"restore it, or pre-train the run again"
+            )
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` via a temporary file renamed over ``path``, so a crash never leaves half
+    a file (named per process, so two processes writing one file cannot take each other's
+    temporary); on any failure the temporary is removed and ``path`` is unchanged."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a lost mount
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"could not write {path} ({exc.strerror or exc}); it is unchanged: free space or "
+            f"fix the folder, then run the same command again"
+        ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write via a temporary file so a crash never leaves half a JSON document (named per
-    process, so two processes writing one file cannot take each other's temporary)."""
-    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    """Write a JSON document atomically (:func:`write_atomic`)."""
+    write_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
 PACKAGE = "ropim-bench"

@@ -19,9 +19,21 @@ from ropim.harness.seeding import derive_seed
 
 
 def resolve_device(accelerator: str = "auto", precision: str = "auto") -> tuple[str, str]:
-    """``auto`` means CUDA with bf16 autocast where available, else fp32 on the CPU."""
+    """``auto`` means CUDA with bf16 autocast where available, else fp32 on the CPU; a device
+    this machine does not have is one error naming train.accelerator."""
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.is_available() or torch.backends.mps.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available.get(accelerator, True):
+        raise ConfigError(
+            f"train.accelerator={accelerator} but this machine has no such device (torch "
+            f"{torch.__version__}, CUDA available: {torch.cuda.is_available()}); use "
+            f"train.accelerator=auto or cpu, or run on a machine with one"
+        )
     if precision == "auto":
         use_bf16 = accelerator == "cuda" and torch.cuda.is_bf16_supported()
         precision = "bf16-mixed" if use_bf16 else "32-true"

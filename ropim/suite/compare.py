@@ -17,7 +17,7 @@ from downstream.tasks import all_tasks
 from ropim.harness.claims import WorkUnit, share_work
 from ropim.harness.config import Config, apply_overrides, load_config_dict, read_yaml
 from ropim.harness.encoder_run import write_encoder_run
-from ropim.harness.errors import ConfigError
+from ropim.harness.errors import ConfigError, check_name
 from ropim.harness.pretrain import pretrain, resolve_pretraining
 from ropim.harness.records import read_run_record
 from ropim.harness.resolution import given_keys
@@ -183,15 +183,22 @@ def plan_runs(
     published = mode == "published_recipe"
     own_sections = {"method", "train", "model", "data"} if published else {"method", "train"}
     _check_recipe_owned(raw, section.get("force_shared", []), path)
-    seeds = section.get("seeds") or [raw.get("run", {}).get("seed", 0)]
-    floor = bool(section.get("random_init")) and (not methods or RANDOM_INIT in methods)
+    seeds = _seeds(section, raw)
+    random_init = section.get("random_init", False)
+    if not isinstance(random_init, bool):
+        raise ConfigError(
+            f"compare.random_init={random_init!r} in {path} must be true or false (the floor: "
+            f"the same encoder with no pre-training)"
+        )
+    floor = random_init and (not methods or RANDOM_INIT in methods)
     chosen = [m for m in methods if m != RANDOM_INIT] if methods else list(section["methods"])
     missing = [m for m in chosen if m not in section["methods"]]
     if missing:
         raise ConfigError(f"method {missing[0]!r} is not listed under compare.methods in {path}")
-    name = section.get("name") or Path(path).stem
+    name = check_name("compare.name", section.get("name") or Path(path).stem)
     planned = []
     for method in chosen:
+        check_name(f"compare.methods key {method!r}", method)
         own = section["methods"][method] or {}
         extra = set(own) - own_sections
         if extra:
@@ -231,6 +238,24 @@ def plan_runs(
     if not published:
         check_budget_parity({p.label: p.config for p in planned})
     return planned
+
+
+def _seeds(section: dict[str, Any], raw: dict[str, Any]) -> list[int]:
+    """compare.seeds: distinct whole numbers (absent: run.seed alone)."""
+    if "seeds" not in section or section["seeds"] is None:
+        return [raw.get("run", {}).get("seed", 0)]
+    seeds = section["seeds"]
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ConfigError(
+            f"compare.seeds={seeds!r} must list distinct whole numbers, 0 or more (e.g. [0, 1, "
+            f"2]); leave it out to run run.seed alone"
+        )
+    return seeds
 
 
 def check_methods(planned: list[PlannedRun], method_dirs: tuple = ()) -> None:

@@ -49,6 +49,7 @@ class RunRows:
         self.rows: list[dict[str, Any]] = []
         self.code_files: list[Path] = []  # the task's modules, recorded in <task>.json
         self.final_step = int(record.get("total_steps") or 0)
+        self.finished_at = str(record.get("finished_at") or "")
 
     def add(self, protocol: str, metric: str, value: float) -> None:
         self.rows.append(
@@ -65,10 +66,21 @@ class RunRows:
         """Append to ``results_path`` and write ``<run>/<task>.json`` (the "evaluated" mark)."""
         if launch_rank() != 0:  # under torchrun every rank evaluates
             return
-        append_results(results_path, self.rows)
+        append_results(results_path, self.rows, supersedes=self._earlier_attempt)
         payload = {"code": code_version(self.code_files), "rows": self.rows} | (extra or {})
         write_json(self.run_dir / f"{self.task}.json", payload)
         self._track()
+
+    def _earlier_attempt(self, row: dict[str, str]) -> bool:
+        """A row this task wrote for this very run (after it finished pre-training) in an
+        attempt that never wrote ``<task>.json``: the re-run's rows replace it. Rows of an
+        earlier run under the same name (recorded before this one finished) are kept."""
+        return (
+            row["run_id"] == self.base["run_id"]
+            and row["task"] == self.task
+            and bool(self.finished_at)
+            and row["recorded_at"] >= self.finished_at
+        )
 
     def _track(self) -> None:
         """The scores beside the run's training curves, at its last pre-training step."""

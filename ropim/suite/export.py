@@ -10,6 +10,7 @@ downstream scores from the results CSV, the recipe with its sources, the code ve
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ def export_run(
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new folder for the export")
+    record = read_run_record(run_dir, finished=True)  # an unfinished run is not exported
     backbone, cfg = load_pretrained_encoder(run_dir)
     mean, std = dataset_stats(cfg.data)
     chans = cfg.model.in_chans
@@ -44,10 +46,32 @@ def export_run(
         "crop_mode": "center",
     }
     save_for_hf(backbone.vit, str(out), safe_serialization=True, data_config=data_config)
-    record = read_run_record(run_dir)
-    _own_metadata(out / "config.json", run_tag(run_dir, record), cfg.model.kwargs)
+    args = _own_metadata(out / "config.json", run_tag(run_dir, record), cfg.model.kwargs)
+    _record_args_in_weights(out / "model.safetensors", args)
     (out / "README.md").write_text(_model_card(run_dir, record, results_path))
+    _readable(out)
     return out
+
+
+def _record_args_in_weights(path: Path, args: dict[str, Any]) -> None:
+    """The model arguments in the weights file's metadata too (the import compares them)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    metadata |= {k: json.dumps(v) for k, v in model_args_record(args).items()}
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+
+
+def _readable(out: Path) -> None:
+    """An export is for sharing: files readable by everyone (as the umask allows a new file),
+    not the 0600 some writers use for their temporaries."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 LICENSE = "mit"  # the project's (LICENSE); the weights are this run's own
@@ -57,12 +81,17 @@ FOREIGN_KEYS = ("hf_hub_id", "hf_hub_filename", "url", "file", "source", "origin
 
 
 def run_tag(run_dir: Path, record: dict[str, Any]) -> str:
-    """The run's own tag, e.g. ``ropim-table2_smoke-seed0``."""
-    raw = f"{record['method']['name']}-{run_dir.parent.name}-seed{record['seed']}"
+    """The run's own tag: ``ropim-table2_smoke-seed0`` for a run of a comparison (named
+    ``<method>_seed<s>``), ``ropim-<run name>-seed0`` for a single run."""
+    method, seed = record["method"]["name"], record["seed"]
+    if run_dir.name == f"{method}_seed{seed}":
+        raw = f"{method}-{run_dir.parent.name}-seed{seed}"
+    else:
+        raw = f"{method}-{run_dir.name}-seed{seed}"
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in raw)
 
 
-def _own_metadata(path: Path, tag: str, kwargs: dict[str, Any]) -> None:
+def _own_metadata(path: Path, tag: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """config.json with the run's tag and the project's license instead of timm's defaults,
     and the model arguments as exported (so an edited copy is refused on import)."""
     config = json.loads(path.read_text())
@@ -70,6 +99,7 @@ def _own_metadata(path: Path, tag: str, kwargs: dict[str, Any]) -> None:
     config["pretrained_cfg"] = pretrained | {"tag": tag, "license": LICENSE}
     config |= model_args_record(config.get("model_args") or {})
     path.write_text(json.dumps(config, indent=2))
+    return config.get("model_args") or {}
 
 
 def _scores(run_dir: Path, results_path: str | Path) -> pd.DataFrame:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,11 @@ from typing import Any
 import timm
 from torch import Tensor
 
+from ropim.harness.architecture_values import check_model_values
+from ropim.harness.backbone import check_vit_family
 from ropim.harness.config import load_config_dict
 from ropim.harness.encoder_run import write_encoder_run
-from ropim.harness.errors import CheckpointError, ConfigError
+from ropim.harness.errors import CheckpointError, ConfigError, check_name
 from ropim.harness.records import json_object
 from ropim.harness.runtime import build_encoder
 from ropim.suite.weights_files import (
@@ -89,34 +92,90 @@ def _local_dir(spec: str) -> tuple[dict[str, Tensor], str, dict[str, Any], dict[
             f"--weights {spec}: {config_file} was edited after export ({detail}); these "
             f"weights were trained as {exported}: restore model_args"
         )
+    check_vit_family(architecture, f"--weights {spec}: {config_file} architecture")
+    pretrained = saved.get("pretrained_cfg") or {}
+    if not isinstance(pretrained, dict):
+        raise ConfigError(f"--weights {spec}: {config_file} pretrained_cfg must be a mapping")
+    for key in ("mean", "std"):
+        values = pretrained.get(key)
+        if not (
+            isinstance(values, list)
+            and len(values) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        ):
+            raise ConfigError(
+                f"--weights {spec}: {config_file} pretrained_cfg.{key}={values!r} must be three "
+                f"numbers (the normalisation the weights were trained with)"
+            )
     weights_file = folder / "model.safetensors"
     tensors = read_file(weights_file)
-    return tensors, architecture, args, saved.get("pretrained_cfg") or {}, weights_file
+    _check_exported_args(spec, weights_file, args)
+    return tensors, architecture, args, pretrained, weights_file
+
+
+def _check_exported_args(spec: str, weights_file: Path, args: dict[str, Any]) -> None:
+    """Our exports also store the model arguments in the weights file's metadata: an edited
+    config.json whose record was removed as well is still recognised."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights_file), framework="pt") as handle:
+            stored = (handle.metadata() or {}).get(EXPORT_ARGS_KEY)
+    except Exception:  # noqa: BLE001 - unreadable metadata: read_file already read the weights
+        return
+    if stored is None:
+        return
+    try:
+        exported = json.loads(stored)
+    except ValueError:
+        return
+    if exported != args:
+        changed = sorted(k for k in set(args) | set(exported) if args.get(k) != exported.get(k))
+        detail = ", ".join(f"{k} {exported.get(k)!r} -> {args.get(k)!r}" for k in changed)
+        raise ConfigError(
+            f"--weights {spec}: config.json's model_args differ from those {weights_file.name} "
+            f"was exported with ({detail}): restore model_args"
+        )
 
 
 def _model_section(architecture: str, args: dict[str, Any], pretrained: dict[str, Any]) -> dict:
-    chans, height, _ = pretrained.get("input_size", (args.get("in_chans", 3), 224, 224))
+    check_vit_family(architecture, "the weights' architecture")
+    size = pretrained.get("input_size", (args.get("in_chans", 3), 224, 224))
+    if not (isinstance(size, (list, tuple)) and len(size) == 3):
+        raise ConfigError(f"pretrained_cfg.input_size={size!r} must be [channels, height, width]")
+    chans, height, _ = size
     args = {k: _square(v, k) if k in ("img_size", "patch_size") else v for k, v in args.items()}
     patch = args.get("patch_size")
     if patch is None:  # a registered name: its patch size is in the name (…patch16…)
         patch = timm.create_model(architecture, pretrained=False).patch_embed.patch_size[0]
-    return {
+    section = {
         "name": architecture,
-        "img_size": int(args.get("img_size", height)),
-        "patch_size": int(patch),
-        "in_chans": int(args.get("in_chans", chans)),
+        "img_size": _whole(args.get("img_size", height), "img_size"),
+        "patch_size": _whole(patch, "patch_size"),
+        "in_chans": _whole(args.get("in_chans", chans), "in_chans"),
         "drop_path": 0.0,
         "kwargs": {k: v for k, v in args.items() if k not in BUILD_ARGS},
     }
+    check_model_values(
+        section["img_size"], section["patch_size"], section["in_chans"], section["kwargs"],
+        prefix="model_args.",
+    )  # fmt: skip
+    return section
 
 
-def _square(value: Any, key: str) -> int:
+def _whole(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"model_args.{key}={value!r} must be a whole number")
+    return value
+
+
+def _square(value: Any, key: str) -> Any:
     """timm writes sizes as [h, w]; the suite's encoder is square."""
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
             raise ConfigError(f"model_args.{key}={value}: the suite's encoder takes square sizes")
         value = value[0]
-    return int(value)
+    return value
 
 
 def import_weights(
@@ -130,6 +189,8 @@ def import_weights(
     """A run directory holding ``spec``'s encoder, ready for ``evaluate_run``: named after
     ``label``; its rows carry ``method`` (default ``label``, else the source), whose published
     fine-tune recipe the classification fine-tune then follows."""
+    if label is not None:
+        check_name("--name", label)
     method = method or label or spec
     data = dict(raw.get("data") or {})
     record: dict[str, Any] = {"weights_source": spec}
@@ -159,7 +220,8 @@ def import_weights(
         )
     seed = (raw.get("run") or {}).get("seed", 0)
     slug = hashlib.blake2b(spec.encode(), digest_size=4).hexdigest()
-    stem = Path(spec.split(":", 1)[-1]).name.removesuffix(Path(spec).suffix) or "weights"
+    stem = Path(spec.split(":", 1)[-1]).name.removesuffix(Path(spec).suffix)
+    stem = re.sub(r"[^A-Za-z0-9_.+=@-]", "-", stem).lstrip(".")[:100] or "weights"
     name = f"{label or stem}_{slug}"
     cfg_raw = {
         "run": {"name": name, "output_dir": str(Path(output_dir) / "external"), "seed": seed},

@@ -23,6 +23,7 @@ import pandas as pd
 
 from downstream.tasks import all_tasks, configured_tasks
 from ropim.harness.claims import WorkUnit, share_work
+from ropim.harness.errors import DataError
 from ropim.harness.records import code_version, write_json
 from ropim.harness.tasks import TaskSettings, TaskSpec
 from ropim.suite.compare import (
@@ -122,9 +123,25 @@ def make_report(
     results_path: str | Path = "results/results.csv",
     reports_dir: str | Path = "reports",
 ) -> Path:
-    """Table and figures of one comparison from the rows collected so far."""
+    """Table and figures of one comparison from the rows collected so far. A results file
+    that is missing or holds no row of this comparison is refused (a mistyped ``--results``
+    must not overwrite a report with a table of "missing")."""
     raw = read_comparison(config_path, overrides)
     planned = plan_runs(raw, config_path)  # checks the compare section
+    results_path = Path(results_path)
+    if not results_path.is_file():
+        raise DataError(
+            f"results file {results_path} does not exist; point --results at the file the "
+            f"runs appended to (nothing was written)"
+        )
+    comparison = raw["compare"].get("name") or Path(config_path).stem
+    rows = read_results(results_path)
+    if not rows["run_id"].astype(str).str.startswith(f"{comparison}/").any():
+        raise DataError(
+            f"{results_path} holds no result row of comparison {comparison!r} (run ids "
+            f"'{comparison}/<method>_seed<s>'); evaluate its runs first, or point --results at "
+            f"the file they appended to (nothing was written)"
+        )
     return report_comparison(raw, planned, config_path, results_path, reports_dir)
 
 

@@ -12,7 +12,7 @@ import fcntl
 import io
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,16 @@ RESULT_COLUMNS = [
 ]
 
 
-def append_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Append ``rows`` (keys from :data:`RESULT_COLUMNS`); returns how many were written."""
+def append_results(
+    path: str | Path,
+    rows: Iterable[dict[str, Any]],
+    supersedes: Callable[[dict[str, str]], bool] | None = None,
+) -> int:
+    """Append ``rows`` (keys from :data:`RESULT_COLUMNS`); returns how many were written.
+
+    ``supersedes`` names earlier rows the new ones replace (under the same lock): an evaluation
+    that crashed after appending its rows but before marking itself done is re-run, and its
+    rows must then be in the file once, not twice."""
     rows = list(rows)
     for row in rows:
         unknown = set(row) - set(RESULT_COLUMNS)
@@ -54,6 +62,8 @@ def append_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = path.read_bytes() if path.is_file() else b""
+        if supersedes is not None and old:
+            old = _without(old, supersedes)
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, lineterminator="\n")
         if not old:
@@ -79,6 +89,23 @@ def append_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     return len(rows)
 
 
+def _without(old: bytes, supersedes: Callable[[dict[str, str]], bool]) -> bytes:
+    """``old`` less the well-formed data rows ``supersedes`` names; every other line byte-exact."""
+    kept = []
+    for number, line in enumerate(old.splitlines(keepends=True)):
+        if number > 0:
+            try:
+                fields = next(csv.reader([line.decode("utf-8", "replace")], strict=True), [])
+            except csv.Error:
+                fields = []
+            if len(fields) == len(RESULT_COLUMNS) and supersedes(
+                dict(zip(RESULT_COLUMNS, fields, strict=True))
+            ):
+                continue
+        kept.append(line)
+    return b"".join(kept)
+
+
 # Columns that must hold numbers (empty allowed where a value is optional).
 NUMERIC = {
     "budget_epochs": True,
@@ -94,6 +121,8 @@ NUMERIC = {
 def _row_problem(fields: list[str]) -> str | None:
     if len(fields) != len(RESULT_COLUMNS):
         return f"{len(fields)} fields where {len(RESULT_COLUMNS)} are expected"
+    if any("\n" in field or "\r" in field for field in fields):
+        return "a line break inside a value"
     row = dict(zip(RESULT_COLUMNS, fields, strict=True))
     for column, optional in NUMERIC.items():
         text = row[column].strip()
@@ -120,8 +149,14 @@ def read_results(path: str | Path):
     path = Path(path)
     if not path.is_file():
         return pd.DataFrame(columns=RESULT_COLUMNS)
-    with open(path, newline="") as handle:
-        lines = list(csv.reader(handle))
+    # One physical line is one row (the writer refuses line breaks inside a value), so a row cut
+    # inside an open quote is one bad line instead of a field that swallows every later row.
+    lines = []
+    for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            lines.append(next(csv.reader([text], strict=True), []))
+        except csv.Error:
+            lines.append(None)
     if not lines:
         return pd.DataFrame(columns=RESULT_COLUMNS)
     if lines[0] != RESULT_COLUMNS:
@@ -131,9 +166,9 @@ def read_results(path: str | Path):
         )
     good, bad = [], []
     for number, fields in enumerate(lines[1:], start=2):
-        if not fields:
+        if fields == []:
             continue
-        problem = _row_problem(fields)
+        problem = "an unterminated quote (a cut row)" if fields is None else _row_problem(fields)
         if problem:
             bad.append(f"{path}:{number}: {problem}")
         else:

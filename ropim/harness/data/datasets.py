@@ -134,11 +134,10 @@ def skipped_images(dataset: Dataset) -> list[str]:
 
 
 def dataset_stats(cfg: DataSection) -> tuple[Sequence[float], Sequence[float]]:
-    if cfg.mean is not None and cfg.std is not None:
-        return cfg.mean, cfg.std
-    if cfg.dataset == "mnist":
-        return MNIST_MEAN, MNIST_STD
-    return IMAGENET_MEAN, IMAGENET_STD
+    """The normalisation: ``data.mean`` and ``data.std`` where set (each on its own), else the
+    dataset's own statistics."""
+    mean, std = (MNIST_MEAN, MNIST_STD) if cfg.dataset == "mnist" else (IMAGENET_MEAN, IMAGENET_STD)
+    return (mean if cfg.mean is None else cfg.mean), (std if cfg.std is None else cfg.std)
 
 
 def load_images(cfg: DataSection, split: str | None = None) -> Dataset:
