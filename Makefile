@@ -6,18 +6,23 @@ CONFIG ?= configs/ropim_mnist.yaml
 
 .PHONY: setup pretrain test lint format clean bench compare bench-pretrain bench-data bench-dense reproduce-table2 report gpu-check published-checkpoints
 
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu takes PyTorch's CPU build (no CUDA wheels)
+# before the rest; unset, pip takes torch from PyPI (the CUDA build on Linux x86_64).
+TORCH_INDEX ?=
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/pip install --quiet -c constraints.txt --index-url $(TORCH_INDEX) torch torchvision)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-setup: $(VENV)/.installed  ## create .venv and install the project with its test tools
+setup: $(VENV)/.installed  ## create .venv and install the project with its test tools (TORCH_INDEX: see above)
 
 pretrain: setup  ## ROPIM on the bundled MNIST digits (2 CPU cores: a few minutes)
 	$(BIN)/ropim pretrain --config $(CONFIG) $(ARGS)
 
-test: setup  ## lint, then the whole test suite (CPU, a few minutes)
+test: setup  ## lint, then the whole test suite (CPU, about 10 minutes on 2 cores)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -58,8 +63,9 @@ published-checkpoints: setup  ## the authors' MAE/SimMIM (ROPIM) checkpoints in 
 	$(BIN)/ropim published --checkpoints $(CHECKPOINTS) $(if $(IMAGENET_DIR),data.root=$(IMAGENET_DIR)) \
 		$(if $(ADE20K_DIR),segmentation.root=$(ADE20K_DIR)) $(if $(COCO_DIR),detection.root=$(COCO_DIR)) $(ARGS)
 
-report: setup  ## rebuild reports/table2_$(SCALE).md from results/results.csv (no training)
-	$(BIN)/ropim report --config configs/table2_$(SCALE).yaml
+RESULTS ?= results/results.csv
+report: setup  ## rebuild reports/table2_$(SCALE).md from $(RESULTS) (RESULTS=results/reference.csv: the committed rows)
+	$(BIN)/ropim report --config configs/table2_$(SCALE).yaml --results $(RESULTS)
 
 gpu-check: setup  ## on a CUDA machine (minutes): ViT-B/16 step speed per method, exact resume, classification
 	$(BIN)/ropim gpu-check --out results/gpu_check $(ARGS)

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ropim.harness.backbone import ViTBackbone, xavier_linears
+from ropim.harness.backbone import ViTBackbone, sincos_2d, xavier_linears
 from ropim.harness.errors import ConfigError, check_ratio
 from ropim.harness.methods import MaskingMethod, ProtocolRecipe, PublishedResult, Recipe
 from ropim.harness.patches import patchify
@@ -206,7 +205,9 @@ class MAE(MaskingMethod):
         prefix = backbone.num_prefix_tokens
         self.decoder_embed = nn.Linear(backbone.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        positions = build_sincos2d_pos_embed(list(backbone.grid), decoder_dim)
+        # MAE's own table and channel order (sin/cos of the column, then of the row:
+        # util/pos_embed.py), the encoder's too; cls position zeros (models_mae.py:71-72).
+        positions = sincos_2d(*backbone.grid, decoder_dim)
         positions = torch.cat([torch.zeros(prefix, decoder_dim), positions])
         self.register_buffer("decoder_pos", positions.unsqueeze(0), persistent=False)
         # LayerNorm eps 1e-6 in the decoder's blocks and final norm (models_mae.py:57,227).

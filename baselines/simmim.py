@@ -127,6 +127,8 @@ class SimMIM(MaskingMethod):
                 "= × total batch / 512)",
                 "warmup_lr": f"SimMIM {FINETUNE_YAML}:19 (2.5e-7 per 512 images)",
                 "warmup_prefix": "SimMIM lr_scheduler.py:26-35 (cosine over all steps)",
+                "clip_grad": "SimMIM config.py:102 (TRAIN.CLIP_GRAD; the fine-tune yaml leaves "
+                "it at this default)",
             },
         )
     }

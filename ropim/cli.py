@@ -6,10 +6,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from ropim.harness.errors import CheckpointError, ConfigError, DataError, TrainingError
 from ropim.harness.preemption import Preempted
+
+# Help shared by several commands' options.
+RESULTS_HELP = (
+    "CSV of result rows (appended to; not tracked by git, reference rows: results/reference.csv)"
+)
+REPORTS_HELP = "folder for the table, its CSVs and figures"
+METHOD_DIR_HELP = "extra folder holding <method>.py files (repeatable)"
+OVERRIDES_HELP = "key.sub=value overrides of the config, e.g. train.epochs=5"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,13 +34,11 @@ def _parser() -> argparse.ArgumentParser:
         "--config", "-c", required=True, help="a YAML file or a bundled preset name (ropim configs)"
     )
     pre.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    pre.add_argument(
-        "--method-dir", action="append", default=[], help="extra folder holding <method>.py files"
-    )
+    pre.add_argument("--method-dir", action="append", default=[], help=METHOD_DIR_HELP)
     pre.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
-    pre.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.epochs=5")
+    pre.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     comp = sub.add_parser("compare", help="pre-train several methods under one shared budget")
     comp.add_argument(
         "--config", "-c", required=True, help="a comparison config, e.g. configs/compare_mnist.yaml"
@@ -40,33 +47,33 @@ def _parser() -> argparse.ArgumentParser:
         "--methods", help="comma-separated subset of compare.methods (random_init: the floor)"
     )
     comp.add_argument("--dry-run", action="store_true", help="check the budget and list the runs")
-    comp.add_argument("--method-dir", action="append", default=[])
+    comp.add_argument("--method-dir", action="append", default=[], help=METHOD_DIR_HELP)
     comp.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
-    comp.add_argument("overrides", nargs="*")
+    comp.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     rep = sub.add_parser("reproduce", help="pre-train, evaluate and report a comparison")
     rep.add_argument("--config", "-c", required=True, help="e.g. configs/table2_smoke.yaml")
-    rep.add_argument("--results", default="results/results.csv")
-    rep.add_argument("--reports", default="reports")
-    rep.add_argument("--method-dir", action="append", default=[])
+    rep.add_argument("--results", default="results/results.csv", help=RESULTS_HELP)
+    rep.add_argument("--reports", default="reports", help=REPORTS_HELP)
+    rep.add_argument("--method-dir", action="append", default=[], help=METHOD_DIR_HELP)
     rep.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
-    rep.add_argument("overrides", nargs="*")
+    rep.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     pub = sub.add_parser(
         "published", help="the authors' released checkpoints through every task, vs. their papers"
     )
     pub.add_argument("--config", "-c", default="published_checkpoints", help="a published preset")
     pub.add_argument("--checkpoints", required=True, help="folder holding the downloaded files")
-    pub.add_argument("--results", default="results/results.csv")
-    pub.add_argument("--reports", default="reports")
+    pub.add_argument("--results", default="results/results.csv", help=RESULTS_HELP)
+    pub.add_argument("--reports", default="reports", help=REPORTS_HELP)
     pub.add_argument("overrides", nargs="*", help="e.g. data.root=... segmentation.root=...")
     rp = sub.add_parser("report", help="tables and figures from results/ (no training)")
     rp.add_argument("--config", "-c", required=True, help="e.g. configs/table2_smoke.yaml")
-    rp.add_argument("--results", default="results/results.csv")
-    rp.add_argument("--reports", default="reports")
-    rp.add_argument("overrides", nargs="*")
+    rp.add_argument("--results", default="results/results.csv", help=RESULTS_HELP)
+    rp.add_argument("--reports", default="reports", help=REPORTS_HELP)
+    rp.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     ev = sub.add_parser("evaluate", help="downstream tasks on pre-trained runs")
     ev.add_argument(
         "runs",
@@ -105,15 +112,21 @@ def _parser() -> argparse.ArgumentParser:
         "bench-pretrain", help="step speed per method, with each method's ablations"
     )
     bp.add_argument("--config", "-c", required=True, help="a comparison config")
-    bp.add_argument("--steps", type=_positive, default=10)
+    bp.add_argument("--steps", type=_positive, default=10, help="timed steps per method")
     bp.add_argument("--out", default="results/bench", help="folder for the CSV of the numbers")
-    bp.add_argument("overrides", nargs="*")
+    bp.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     bd = sub.add_parser(
         "bench-data", help="views/s of the JPEG data path per core and with workers"
     )
     bd.add_argument("--folder", default="runs/bench_data", help="where the JPEGs are made once")
-    bd.add_argument("--img-size", type=_positive, default=224)
-    bd.add_argument("--count", type=_positive, default=200, help="JPEGs to time (500x375)")
+    bd.add_argument("--img-size", type=_positive, default=224, help="view size in pixels")
+    bd.add_argument("--count", type=_positive, default=200, help="JPEGs to time")
+    bd.add_argument(
+        "--jpeg-size",
+        default="500x375",
+        help="the JPEGs' WIDTHxHEIGHT (500x375: ImageNet's most common; a short side of 448 "
+        "or more lets a 224-px view decode at reduced scale)",
+    )
     bd.add_argument("--workers", type=_positive, default=None, help="default: all cores")
     bd.add_argument("--config", "-c", help="also: loader rate / this config's training step rate")
     bd.add_argument("overrides", nargs="*", help="for --config, e.g. train.batch_size=16")
@@ -121,44 +134,66 @@ def _parser() -> argparse.ArgumentParser:
         "bench-loop", help="the harness's images/s next to a plain PyTorch loop's (A/B rounds)"
     )
     bl.add_argument("--config", "-c", required=True, help="a single-run config")
-    bl.add_argument("--steps", type=_positive, default=60)
-    bl.add_argument("--rounds", type=_positive, default=2)
+    bl.add_argument("--steps", type=_positive, default=60, help="steps per timed run")
+    bl.add_argument("--rounds", type=_positive, default=2, help="A/B rounds (harness, plain)")
     bl.add_argument("--folder", default="runs/bench_loop", help="scratch folder for the runs")
-    bl.add_argument("overrides", nargs="*")
+    bl.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     bdn = sub.add_parser(
         "bench-dense", help="one ViTDet (windowed vs. global) and UperNet iteration: time, memory"
     )
-    bdn.add_argument("--detection-size", type=_positive, default=1024)
-    bdn.add_argument("--segmentation-size", type=_positive, default=512)
-    bdn.add_argument("--depth", type=_positive, default=12)
+    bdn.add_argument(
+        "--detection-size", type=_positive, default=1024, help="ViTDet input size (px)"
+    )
+    bdn.add_argument(
+        "--segmentation-size", type=_positive, default=512, help="UperNet input size (px)"
+    )
+    bdn.add_argument("--depth", type=_positive, default=12, help="ViT blocks (12: ViT-B)")
     bdn.add_argument("--cap-gib", type=float, default=18.0, help="memory cap per variant")
     bdn.add_argument(
         "--variants", nargs="+", help="vitdet_windowed, vitdet_global, upernet (default: all)"
     )
     bench = sub.add_parser("bench-step", help="time training steps (images/s, peak memory)")
-    bench.add_argument("--config", "-c", required=True)
-    bench.add_argument("--steps", type=_positive, default=10)
-    bench.add_argument("--warmup", type=_non_negative, default=3)
-    bench.add_argument("overrides", nargs="*")
+    bench.add_argument("--config", "-c", required=True, help="a single-run config")
+    bench.add_argument("--steps", type=_positive, default=10, help="timed steps")
+    bench.add_argument("--warmup", type=_non_negative, default=3, help="untimed steps first")
+    bench.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     gpu = sub.add_parser("gpu-check", help="on a CUDA machine: paper-scale step speeds, resume")
     gpu.add_argument("--out", default="results/gpu_check", help="folder for the JSON and CSV")
-    gpu.add_argument("--steps", type=_positive, default=20)
+    gpu.add_argument("--steps", type=_positive, default=20, help="timed steps per method")
     ex = sub.add_parser("export", help="a run's encoder as a timm model folder (local-dir:, Hub)")
     ex.add_argument("run", help="a pre-training run directory")
     ex.add_argument("out", help="new folder to write")
     ex.add_argument("--results", default="results/results.csv", help="scores for the model card")
-    cd = sub.add_parser("check-data", help="scan the configured image folder before training")
-    cd.add_argument("--config", "-c", required=True)
+    cd = sub.add_parser(
+        "check-data", help="scan an image folder (PATH, or the config's data.root) before training"
+    )
+    cd.add_argument(
+        "--config", "-c", help="a config whose data.root (and data.split) to scan, if no PATH"
+    )
     cd.add_argument(
         "--workers", type=_positive, default=None, help="processes (default: all cores)"
     )
-    cd.add_argument("overrides", nargs="*")
+    cd.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="PATH | key=value",
+        help="a folder to scan (holding train/ and val/, or class folders itself); key=value "
+        "overrides for --config",
+    )
     sub.add_parser("tasks", help="list the downstream tasks, their protocols and metrics")
     cfgs = sub.add_parser(
         "configs", help="list the bundled presets (--config NAME finds them), or print one"
     )
     cfgs.add_argument("name", nargs="?", help="a preset or file: print it resolved (base merged)")
     cfgs.add_argument("overrides", nargs="*", help="key=value applied before printing")
+    docs = sub.add_parser("docs", help="list the documentation pages, or print one")
+    docs.add_argument("page", nargs="?", help="a page name from the list, e.g. recipes")
+    docs.add_argument("--path", action="store_true", help="print the page's file path instead")
+    slurm = sub.add_parser(
+        "slurm", help="list the SLURM batch scripts (with requeue on pre-emption), or print one"
+    )
+    slurm.add_argument("script", nargs="?", help="single_node, multi_node or array")
+    slurm.add_argument("--out", help="write the script to this file instead of printing it")
     recipes = sub.add_parser(
         "recipes", help="every method's settings per protocol, each with its source"
     )
@@ -173,7 +208,9 @@ def _parser() -> argparse.ArgumentParser:
         "--devices", type=_positive, default=1, help="devices the lr and batch totals assume"
     )
     recipes.add_argument("overrides", nargs="*", help="key=value over the preset")
-    recipes.add_argument("--format", choices=("table", "csv"), default="table")
+    recipes.add_argument(
+        "--format", choices=("table", "csv"), default="table", help="a table, or CSV rows"
+    )
     cost = sub.add_parser(
         "cost",
         help="each method's training FLOPs and the GPU-hours they imply, before submitting",
@@ -191,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     cost.add_argument("overrides", nargs="*", help="key=value over the preset")
     methods = sub.add_parser("methods", help="list the masking methods that can be selected")
-    methods.add_argument("--method-dir", action="append", default=[])
+    methods.add_argument("--method-dir", action="append", default=[], help=METHOD_DIR_HELP)
     return parser
 
 
@@ -324,6 +361,40 @@ def _configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _docs(args: argparse.Namespace) -> int:
+    from ropim.suite.packaged import doc_page, doc_pages
+
+    if not args.page:
+        for name, title in doc_pages().items():
+            print(f"{name:<24} {title}")
+        print("ropim docs PAGE prints one (ropim docs PAGE --path: where it is)")
+        return 0
+    page = doc_page(args.page)
+    print(page if args.path else page.read_text(), end="\n" if args.path else "")
+    return 0
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    from ropim.suite.packaged import slurm_script, slurm_scripts
+
+    if not args.script:
+        for name, about in slurm_scripts().items():
+            print(f"{name:<14} {about}")
+        print("ropim slurm NAME > job.sbatch, then edit its #SBATCH lines (ropim docs clusters)")
+        return 0
+    text = slurm_script(args.script).read_text()
+    if args.out:
+        from pathlib import Path
+
+        out = Path(args.out)
+        out.write_text(text)
+        out.chmod(0o755)
+        print(f"wrote {out}: edit its #SBATCH lines, then sbatch {out}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def _tasks(args: argparse.Namespace) -> int:
     from downstream.tasks import all_tasks
 
@@ -425,16 +496,24 @@ def _check_data(args: argparse.Namespace) -> int:
     from ropim.harness.config import load_config
     from ropim.harness.data_check import check_folder, describe
 
-    cfg = load_config(args.config, args.overrides)
-    if cfg.data.dataset != "imagefolder":
-        print(f"data.dataset={cfg.data.dataset}: bundled data, nothing to scan")
-        return 0
-    if not cfg.data.root:
-        raise ConfigError("data.root is required for data.dataset=imagefolder")
+    paths = [Path(a).expanduser() for a in args.overrides if "=" not in a]
+    overrides = [a for a in args.overrides if "=" in a]
+    if len(paths) > 1 or (not paths and not args.config):
+        raise ConfigError("ropim check-data takes one PATH (an image folder) or --config FILE")
+    if paths:
+        folders = _folders_to_check(paths[0])
+    else:
+        cfg = load_config(args.config, overrides)
+        if cfg.data.dataset != "imagefolder":
+            print(f"data.dataset={cfg.data.dataset}: bundled data, nothing to scan")
+            return 0
+        if not cfg.data.root:
+            raise ConfigError("data.root is required for data.dataset=imagefolder")
+        root = Path(cfg.data.root).expanduser()
+        folders = [root / split for split in dict.fromkeys([cfg.data.split, "val"])]
     fatal = one_class = False
-    for split in dict.fromkeys([cfg.data.split, "val"]):
-        folder = Path(cfg.data.root).expanduser() / split
-        if split == "val" and not folder.is_dir():
+    for folder in folders:
+        if folder.name == "val" and not folder.is_dir():
             print(f"{folder}: no validation split (downstream evaluation will need one)")
             continue
         report = check_folder(folder, args.workers)
@@ -453,6 +532,15 @@ def _check_data(args: argparse.Namespace) -> int:
         return 0
     print("ok: every image decodes")
     return 0
+
+
+def _folders_to_check(path: Path) -> list[Path]:
+    """A dataset root (its train/ and val/ splits) or one split folder of class folders."""
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a folder; give an image folder to scan")
+    if (path / "train").is_dir():
+        return [path / "train", path / "val"]
+    return [path]
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -499,7 +587,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _bench_data(args: argparse.Namespace) -> int:
     from ropim.suite.bench_data import bench_data
 
-    rows = bench_data(args.folder, args.img_size, args.count, args.workers)
+    width, _, height = args.jpeg_size.partition("x")
+    if not (width.isdigit() and height.isdigit() and int(width) >= 8 and int(height) >= 8):
+        raise ConfigError(f"--jpeg-size {args.jpeg_size!r} must be WIDTHxHEIGHT, e.g. 896x672")
+    jpeg_size = (int(width), int(height))
+    rows = bench_data(args.folder, args.img_size, args.count, args.workers, jpeg_size)
     for row in rows:
         print(
             f"{row['path']:>6} {row['view']}: loader {row['loader_per_core']:.0f} img/s/core, "
@@ -512,7 +604,8 @@ def _bench_data(args: argparse.Namespace) -> int:
             print(
                 f"scaled decode vs. full-scale decode of the same box, {row['view']}: mean "
                 f"|Δ| {row['dct_mean_abs']:.2f} of 255, PSNR {row['dct_psnr_db']:.1f} dB, "
-                f"{row['dct_differs']:.0%} of views differ (at {row['img_size']} px)"
+                f"{row['dct_differs']:.0%} of views differ (at {row['img_size']} px, JPEGs "
+                f"{row['jpeg_size']})"
             )
     if args.config:
         from ropim.harness.config import load_config
@@ -596,6 +689,8 @@ COMMANDS = {  # command -> its function
     "export": _export,
     "check-data": _check_data,
     "tasks": _tasks,
+    "docs": _docs,
+    "slurm": _slurm,
     "configs": _configs,
     "recipes": _recipes,
     "cost": _cost,

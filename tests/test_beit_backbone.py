@@ -198,3 +198,19 @@ def test_simmim_init_cuts_at_one_std_and_rescales_output_projections():
             assert weight.abs().max() <= 0.02 / math.sqrt(2 * layer) + 1e-9
     assert torch.equal(official.blocks[0].attn.q_bias, torch.zeros_like(qkv[0]))
     assert timm_init.blocks[0].attn.qkv.weight.abs().max() > 0.04  # timm's: uncut at ±2σ
+
+
+def test_maes_decoder_positions_are_maes_table_in_maes_channel_order():
+    """MAE's decoder adds the same fixed 2-D sin-cos table as its encoder (models_mae.py:71-72,
+    util/pos_embed.py): sin and cos of the column first, then of the row."""
+    from ropim.harness.registry import build_method
+
+    backbone = _mae_style()
+    method = build_method({"name": "mae", "decoder_dim": 16, "decoder_heads": 2,
+                           "decoder_depth": 1}, backbone)  # fmt: skip
+    table = method.decoder_pos[0]
+    assert table.shape == (1 + 16, 16) and torch.equal(table[0], torch.zeros(16))
+    token = 1 + 3 * 4 + 1  # row 3, column 1
+    # channel 0: sin(column·ω_0); 4: cos(column·ω_0); 8: sin(row·ω_0); 12: cos(row·ω_0)
+    expected = torch.tensor([math.sin(1), math.cos(1), math.sin(3), math.cos(3)])
+    torch.testing.assert_close(table[token, [0, 4, 8, 12]], expected)

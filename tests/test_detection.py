@@ -183,6 +183,17 @@ def test_detection_settings_are_checked():
         detection_settings({"dataset": "digit_scenes", "scale_range": [2.0, 1.0]})
 
 
+def test_the_vitdet_schedule_is_detectron2s_184375_iterations_unless_epochs_are_set():
+    coco = detection_settings({"root": "/data/coco"})
+    total = coco.total_iterations(117_266, 8)
+    assert total == 184_375  # mask_rcnn_vitdet_b_100ep.py: train.max_iter
+    assert [round(share * total) for share in coco.decay_at] == [163_889, 177_546]  # milestones
+    scenes = detection_settings({"dataset": "digit_scenes", "epochs": 2, "batch_size": 8})
+    assert scenes.iterations is None and scenes.total_iterations(100, 1) == 25
+    with pytest.raises(ConfigError, match="two schedule lengths"):
+        detection_settings({"dataset": "digit_scenes", "epochs": 2, "iterations": 10})
+
+
 def test_rank_predictions_merge_without_duplicates():
     rank0 = [{"image_id": 1, "score": 0.9}, {"image_id": 1, "score": 0.8}, {"image_id": 3}]
     rank1 = [{"image_id": 2, "score": 0.7}, {"image_id": 1, "score": 0.9}]  # 1 padded again

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -84,6 +85,12 @@ def test_tiny_run_writes_every_artefact(tmp_path, capsys):
     assert metadata["step"] == "16" and metadata["method"] == "ropim"
     with Image.open(run_dir / "reconstructions.png") as image:
         assert image.size[0] > 100 and image.size[1] > 100
+        rgb = np.asarray(image.convert("RGB")).astype(int)
+    # The digits are grey, and so is every row drawn of them (the reconstruction included).
+    assert (
+        np.abs(rgb[..., 0] - rgb[..., 1]).max() <= 1
+        and np.abs(rgb[..., 1] - rgb[..., 2]).max() <= 1
+    )
 
 
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):

@@ -212,7 +212,7 @@ OFFICIAL = [
     ("simmim", "finetune", "warmup_epochs", 20, "simmim_finetune__vit_base__img224__800ep.yaml"),
     ("simmim", "finetune", "layer_decay", 0.65, "simmim_finetune__vit_base__img224__800ep.yaml"),
     ("simmim", "finetune", "min_lr", 2.5e-7, "simmim_finetune__vit_base__img224__800ep.yaml"),
-    ("simmim", "finetune", "clip_grad", 5.0, "simmim_finetune__vit_base__img224__800ep.yaml"),
+    ("simmim", "finetune", "clip_grad", 5.0, "config.py:102"),
     ("simmim", "finetune", "warmup_lr", 2.5e-7, "simmim_finetune__vit_base__img224__800ep.yaml:19"),
     ("mae", "linear", "momentum", 0.9, "util/lars.py:18"),
     ("mae", "linear", "trust_coeff", 0.001, "util/lars.py:18"),
@@ -222,11 +222,11 @@ OFFICIAL = [
     ("ropim", "segmentation", "weight_decay", 0.05, f"{MMSEG}:29-33"),
     ("ropim", "segmentation", "layer_decay", 0.65, f"{MMSEG}:29-33"),
     ("ropim", "segmentation", "iterations", 160_000, f"{MMSEG}:3"),
-    ("ropim", "segmentation", "batch_size", 2, f"{MMSEG}:18"),
+    ("ropim", "segmentation", "batch_size", 2, f"{MMSEG}:48-49"),
     ("ropim", "segmentation", "warmup_iters", 1500, f"{MMSEG}:35-43"),
-    ("ropim", "segmentation", "layer_scale", 1.0, f"{MMSEG}:48-49"),
-    ("ropim", "segmentation", "drop_path", 0.1, f"{MMSEG}:17-20"),
-    ("ropim", "segmentation", "aux_weight", 0.4, f"{MMSEG}:19-23"),
+    ("ropim", "segmentation", "layer_scale", 1.0, f"{MMSEG}:17 "),
+    ("ropim", "segmentation", "drop_path", 0.1, f"{MMSEG}:18"),
+    ("ropim", "segmentation", "aux_weight", 0.4, "upernet_mae.py:48-49"),
     ("ropim", "segmentation", "slide_stride", 341, f"{MMSEG}:24"),
     # ViTDet: facebookresearch/detectron2 projects/ViTDet/configs
     ("mae", "detection", "lr", 1e-4, "common/optim.py:18-28"),
@@ -234,7 +234,8 @@ OFFICIAL = [
     ("mae", "detection", "layer_decay", 0.7, "modeling/backbone/vit.py:506-524"),
     ("mae", "detection", "decay_biases", True, "solver/build.py:148"),
     ("mae", "detection", "warmup_iters", 250, "mask_rcnn_vitdet_b_100ep.py:25-35"),
-    ("mae", "detection", "decay_at", [0.889, 0.963], "mask_rcnn_vitdet_b_100ep.py:25-35"),
+    ("mae", "detection", "decay_at", [8 / 9, 26 / 27], "mask_rcnn_vitdet_b_100ep.py:25-35"),
+    ("mae", "detection", "iterations", 184375, "mask_rcnn_vitdet_b_100ep.py:25-35"),
     ("mae", "detection", "image_size", 1024, "coco_loader_lsj.py:6-22"),
     ("mae", "detection", "scale_range", [0.1, 2.0], "coco_loader_lsj.py:6-22"),
     ("mae", "detection", "window_size", 14, "mask_rcnn_vitdet.py:25"),
@@ -276,6 +277,11 @@ def test_published_preset_card_holds_init_epochs_references_and_dense_tasks(caps
     assert "block 8" in detail and "average-pooled" in detail
     assert _value(rows, "mae", "detection", "box_loss")[0] == "l1"
     assert _value(rows, "mae", "linear", "momentum")[0] == "0.9"
+    iterations, source = _value(rows, "mae", "detection", "iterations")
+    assert iterations == "184375" and "mask_rcnn_vitdet_b_100ep.py:25-35" in source
+    for method in ("ropim", "mae", "simmim"):  # decoded as the official pipelines decode
+        decode, source = _value(rows, method, "pretrain", "data.decode")
+        assert decode == "full" and "main_pretrain.py:124" in source
     # The lr totals follow the devices asked for: ROPIM's 128 per device on 8 devices.
     eight = _card(capsys, "--config", "configs/table2_published.yaml", "--devices", "8")
     assert float(_value(eight, "ropim", "pretrain", "optim.lr")[0]) == pytest.approx(

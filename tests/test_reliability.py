@@ -529,9 +529,7 @@ def test_compare_builds_every_method_before_training_anything(tmp_path, capsys):
     assert not (tmp_path / "table2_tiny").exists()  # nothing trained
 
 
-def test_an_unfinished_run_is_not_exported_and_an_export_is_readable_by_others(
-    tmp_path, capsys
-):
+def test_an_unfinished_run_is_not_exported_and_an_export_is_readable_by_others(tmp_path, capsys):
     with pytest.raises(SimulatedCrash):
         pretrain(_cfg(tmp_path / "a"), after_step=[crash_after(3)])
     err = _error_line(capsys, ["export", str(tmp_path / "a" / "ropim_tiny"), str(tmp_path / "x")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -93,11 +94,14 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
     assert "ropim − random_init" not in text and "the floor each method must beat" in text
     assert "Learning curves" in text
     assert "table2_tiny/<method>_seed<s>/run.json` (`recipe`, `optim`)" in text
-    figures = ["table2_tiny_accuracy_vs_time.png", "table2_tiny_bars.png"]
+    figures = ["table2_tiny_accuracy_vs_time.png", "table2_tiny_scores.png"]
     figures += ["table2_tiny_learning_curves.png", "table2_tiny_paired.csv"]
     figures += ["table2_tiny_forest.png", "table2_tiny_accuracy_vs_flops.png"]
     assert "under one budget (equal epochs)" in text and "**Equal epochs**" in text
     assert "Accuracy against training FLOPs" in text and "Equal time (machine-specific" in text
+    assert "Equal compute (from the curves; the same on every machine)" in text
+    compute = pd.read_csv(reports / "table2_tiny_equal_compute.csv")
+    assert compute["at_training_flops"].nunique() == 1 and compute["at_training_flops"][0] > 0
     finetune = json.loads(
         (tmp_path / "runs" / "table2_tiny" / "ropim_seed0" / "classification.json").read_text()
     )["finetune"]
@@ -105,23 +109,31 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
     assert finetune["training_flops"] == finetune["flops_per_step"] * finetune["steps"]
     for name in ("table2_tiny.csv", *figures):
         assert (reports / name).stat().st_size > 0
+        if name.endswith(".png"):  # each figure also as SVG, for a paper
+            assert (reports / name.replace(".png", ".svg")).stat().st_size > 0
     table = pd.read_csv(reports / "table2_tiny.csv", index_col="method")
+    for csv in reports.glob("*.csv"):  # headers a program can use: identifiers, ASCII
+        header = csv.read_text().splitlines()[0].split(",")
+        assert all(re.fullmatch(r"[a-z][a-z0-9_]*", h) for h in header), (csv.name, header)
     assert list(table.index) == ["ropim", "mae", "simmim", "random_init"]
-    assert float(table.loc["mae", "training FLOPs"]) < float(table.loc["ropim", "training FLOPs"])
-    assert table.loc["mae", "published finetune (ViT-B/16, IN-1k)"] == 83.6
-    assert pd.isna(table.loc["ropim", "published finetune (ViT-B/16, IN-1k)"])  # no source
-    assert "(n=2)" in table.loc["ropim", "UperNet mIoU (%)"]
-    assert table.loc["mae", "published mIoU (ADE20K)"] == 48.1
-    assert "(n=2)" in table.loc["simmim", "Mask R-CNN AP mask (%)"]
-    assert table.loc["mae", "published AP box (COCO)"] == 51.6
+    assert table.loc["mae", "training_flops"] < table.loc["ropim", "training_flops"]
+    assert table.loc["mae", "published_finetune_top1_best"] == 83.6
+    assert pd.isna(table.loc["ropim", "published_finetune_top1_best"])  # no source
+    assert table.loc["ropim", "upernet_miou_n"] == 2
+    assert table.loc["mae", "published_upernet_miou"] == 48.1
+    assert table.loc["simmim", "vitdet_mask_rcnn_mask_ap_n"] == 2
+    assert table.loc["mae", "published_vitdet_mask_rcnn_box_ap"] == 51.6
     assert "floor the segmentation column must beat" in text
-    # Numbers beside the display strings; two seeds give no verdict.
-    assert table.loc["ropim", "knn top-1 (%) n"] == 2
-    assert table.loc["ropim", "knn top-1 (%) mean"] == pytest.approx(
+    # Numbers (the markdown has the display strings); two seeds give no verdict.
+    assert table.loc["ropim", "knn_top1_n"] == 2
+    assert table.loc["ropim", "knn_top1_mean"] == pytest.approx(
         100 * top1[(top1["method"] == "ropim") & (top1["protocol"] == "knn")]["value"].mean()
     )
     paired = pd.read_csv(reports / "table2_tiny_paired.csv")
-    assert {"mean", "low", "high", "n", "verdict", "display"} <= set(paired.columns)
+    assert list(paired.columns) == [
+        "method", "reference", "measure", "mean", "low", "high", "n", "verdict",
+    ]  # fmt: skip
+    assert set(paired["measure"]) >= {"knn_top1", "linear_top1", "upernet_miou"}
     assert not paired["verdict"].isin(["better", "worse"]).any()  # n=2 is not enough
     # A second run trains and evaluates nothing again: the rows stay as they are.
     reproduce(TINY, [f"run.output_dir={tmp_path}/runs"], results, reports)
@@ -137,8 +149,10 @@ def test_tiny_preset_pretrains_evaluates_and_reports(tmp_path):
     partial.to_csv(results, index=False)
     make_report(TINY, [], results, reports)
     table = pd.read_csv(reports / "table2_tiny.csv", index_col="method")
-    assert table.loc["simmim", "knn top-1 (%)"] == "missing"
-    assert table.loc["mae", "seeds"] == "1/2" and "(n=1)" in table.loc["mae", "knn top-1 (%)"]
+    assert pd.isna(table.loc["simmim", "knn_top1_n"]) and table.loc["simmim", "seeds_done"] == 0
+    assert table.loc["mae", "seeds_done"] == 1 and table.loc["mae", "seeds_planned"] == 2
+    assert table.loc["mae", "knn_top1_n"] == 1
+    assert "| simmim      | missing" in (reports / "table2_tiny.md").read_text()
 
 
 def _flat(mapping: dict, prefix: str = "") -> dict:
@@ -201,3 +215,29 @@ def test_report_from_no_results_at_all_does_not_crash():
     table = build_table(results, "x", ["ropim", "mae"], [0], all_tasks())
     assert list(table.index) == ["ropim", "mae"]
     assert (table["pre-train s"] == "missing").all()
+
+
+def test_a_users_results_never_go_to_a_tracked_file():
+    """Every command's default results file is ignored by git and not tracked, so a run leaves
+    the checkout clean; the committed reference rows live in a file no default points at."""
+    import argparse
+
+    from ropim.cli import _parser
+
+    (commands,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    defaults = {
+        action.default
+        for command in commands.choices.values()
+        for action in command._actions
+        if action.dest == "results"
+    }
+    assert defaults == {"results/results.csv"}
+    tracked = subprocess.run(
+        ["git", "ls-files", "results"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert "results/results.csv" not in tracked.stdout.split()
+    assert "results/reference.csv" in tracked.stdout.split()
+    ignored = subprocess.run(["git", "check-ignore", "-q", "results/results.csv"], cwd=PROJECT_ROOT)
+    assert ignored.returncode == 0

@@ -156,3 +156,22 @@ def test_a_verdict_needs_three_seeds_and_a_degenerate_interval_gets_none():
     diff = paired_difference(three, "mae", "ropim", "knn top-1 (%)")
     assert diff.degenerate and "Degenerate intervals" in "\n".join(summary_sentences([diff]))
     assert diff.numbers()["n"] == 3 and diff.numbers()["mean"] == pytest.approx(1.0)
+
+
+def test_equal_compute_view_reads_each_run_at_the_cheapest_runs_total_flops():
+    from ropim.suite.report import equal_budget_rows
+
+    curves = pd.DataFrame(
+        [
+            {"method": m, "seed": 0, "step": i, "epoch": i, "training_flops": f, "knn_cls": v}
+            for m, flops, values in (
+                ("ropim", [0, 3e9, 6e9], [0.30, 0.40, 0.50]),
+                ("mae", [0, 1e9, 2e9, 4e9], [0.30, 0.33, 0.36, 0.44]),
+            )
+            for i, (f, v) in enumerate(zip(flops, values, strict=True))
+        ]
+    )
+    rows = equal_budget_rows(curves, "knn_cls", ["ropim", "mae"], "flops")
+    assert set(rows["budget"]) == {4e9}  # MAE's total: the cheapest run's
+    got = {r.method: round(r.value, 6) for r in rows.itertuples()}
+    assert got == {"ropim": 40.0, "mae": 44.0}  # ROPIM's 3e9 point: the last within 4e9

@@ -78,6 +78,7 @@ def test_long_work_prints_progress_lines(tmp_path, capsys, monkeypatch):
         assert line in out, out
     probe = [x for x in out.splitlines() if x.startswith("linear probe: ")]
     assert [x.split()[2] for x in probe] == ["1/3", "2/3", "3/3"] and "ETA" in probe[0]
+    assert " epochs (" in probe[0] and "epoches" not in out
     assert all("| loss " in x for x in probe)
 
     folder = tmp_path / "images" / "train" / "a"

@@ -155,6 +155,14 @@ def test_check_data_finds_corrupt_truncated_and_cmyk_files(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and "data.on_bad_image=skip" in captured.err
     assert "corrupt.jpg" in captured.out and "mode CMYK will be converted" in captured.out
+    # The folder alone, no config: the dataset root (train/ and val/), or one split folder.
+    assert main(["check-data", str(tmp_path / "data"), "--workers", "1"]) == 1
+    assert "corrupt.jpg" in capsys.readouterr().out
+    _image_folder(tmp_path / "good", bad=False)
+    assert main(["check-data", str(tmp_path / "good" / "train")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("ok: every image decodes")
+    assert main(["check-data", str(tmp_path / "nothing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
 
 
 def test_skip_leaves_bad_images_out_and_records_each(tmp_path):
@@ -196,3 +204,21 @@ def test_overrides_may_follow_options(tmp_path):
         _parse(["pretrain", "--config", "c.yaml", "--nope"])
     with pytest.raises(SystemExit):
         _parse(["tasks", "a=b"])  # a command without overrides
+
+
+def test_every_option_of_every_command_is_described_in_help():
+    import argparse
+
+    from ropim.cli import _parser
+
+    parser = _parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    undescribed = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, command in commands.choices.items()
+        for action in command._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert not undescribed, undescribed
+    assert {c.dest for c in commands._choices_actions} == set(commands.choices)  # each has help
+    assert all(c.help for c in commands._choices_actions)

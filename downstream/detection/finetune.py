@@ -119,7 +119,7 @@ def finetune_detection(
         decay_biases=settings.decay_biases,
     )
     world = fabric.world_size
-    total = max(1, math.ceil(settings.epochs * len(train) / (settings.batch_size * world)))
+    total = settings.total_iterations(len(train), world)
     scheduler = MultiStepLRScheduler(
         optimizer,
         decay_t=[round(share * total) for share in settings.decay_at],

@@ -1,10 +1,11 @@
 """Detection settings; defaults are ViTDet's ViT-B Mask R-CNN recipe on COCO (detectron2's
-``mask_rcnn_vitdet_b_100ep``): 1024-px large-scale jitter, 100 epochs at batch 64, AdamW 1e-4,
-weight decay 0.1, layer decay 0.7, 250-iteration warmup, x0.1 steps at 88.9% and 96.3%
-(docs/recipes.md)."""
+``mask_rcnn_vitdet_b_100ep``): 1024-px large-scale jitter, batch 64, AdamW 1e-4,
+weight decay 0.1, layer decay 0.7, 250-iteration warmup, 184,375 iterations with x0.1 steps at
+163,889 and 177,546 (docs/recipes.md)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,10 +26,14 @@ class DetectionSettings(TrainingSettings):
         "weight_decay": f"{D2}/common/optim.py:18-28",
         "layer_decay": f"{VITDET} (lr_factor_func, 0.7), modeling/backbone/vit.py:506-524",
         "decay_biases": "detectron2 solver/build.py:148 (bias decay = weight decay)",
-        "epochs": f"{VITDET}:25-35 (184,375 iterations at batch 64)",
+        "iterations": f"{VITDET}:25-35 (train.max_iter = 184375: 100 epochs of the filtered "
+        "COCO train set at batch 64, hard-coded)",
+        "epochs": "suite option (null: detection.iterations; set, the iterations come from "
+        "epochs x images / total batch, for other datasets)",
         "batch_size": f"{VITDET}:25-35 (64 in total)",
         "warmup_iters": f"{VITDET}:25-35",
-        "decay_at": f"{VITDET}:25-35 (163,889 and 177,546 of 184,375)",
+        "decay_at": f"{VITDET}:25-35 (milestones 163,889 and 177,546 of 184,375: 8/9 and "
+        "26/27, which round to them exactly)",
         "image_size": f"{D2}/common/coco_loader_lsj.py:6-22",
         "scale_range": f"{D2}/common/coco_loader_lsj.py:6-22",
         "hflip": f"{D2}/common/coco_loader_lsj.py:6-22",
@@ -45,7 +50,10 @@ class DetectionSettings(TrainingSettings):
     image_size: int = 1024  # LSJ canvas; evaluation resizes the long side to it
     scale_range: list[float] = field(default_factory=lambda: [0.1, 2.0])
     hflip: float = 0.5
-    epochs: float = 100
+    # detectron2's hard-coded schedule length; a config that sets `epochs` (and not this)
+    # derives the iterations from its epochs instead (other datasets, the CPU presets).
+    iterations: int | None = 184_375
+    epochs: float | None = None
     batch_size: int = 8  # per device: 8 GPUs x 8 = detectron2's total of 64
     lr: float = 1e-4
     weight_decay: float = 0.1
@@ -55,7 +63,8 @@ class DetectionSettings(TrainingSettings):
     # solver/build.py (bias decay = weight decay), mask_rcnn_vitdet_b_100ep.py (pos_embed 0).
     decay_biases: bool = True
     warmup_iters: int = 250
-    decay_at: list[float] = field(default_factory=lambda: [0.889, 0.963])  # share of training
+    # shares of training: 8/9 and 26/27 of 184,375 round to detectron2's 163,889 and 177,546
+    decay_at: list[float] = field(default_factory=lambda: [8 / 9, 26 / 27])
     drop_path: float = 0.1
     # true: the encoder stays at its pre-trained weights (no gradient, no drop path); only the
     # pyramid and the heads train. A frozen-backbone protocol for small budgets, where a full
@@ -101,8 +110,34 @@ class DetectionSettings(TrainingSettings):
             raise ConfigError(f"{section}.scale_range={self.scale_range} must be 0 < low <= high")
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"{section}.layer_decay={self.layer_decay} must lie in (0, 1]")
-        if self.epochs <= 0:
+        given = getattr(self, "given", set())
+        if "epochs" in given and "iterations" in given and self.iterations is not None:
+            raise ConfigError(
+                f"{section}.epochs={self.epochs} and {section}.iterations={self.iterations} are "
+                f"two schedule lengths: set one (iterations: detectron2's 184375 on COCO)"
+            )
+        if self.iterations is None and self.epochs is None:
+            raise ConfigError(f"{section}: set iterations (detectron2: 184375) or epochs")
+        if self.iterations is not None and self.iterations < 1:
+            raise ConfigError(f"{section}.iterations={self.iterations} must be 1 or more")
+        if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"{section}.epochs={self.epochs} must be positive")
+
+    @classmethod
+    def read(cls, raw: dict[str, Any] | None, section: str) -> DetectionSettings:
+        """A config that sets ``epochs`` alone derives the iterations from them."""
+        settings = super().read(raw, section)
+        given = getattr(settings, "given", set())
+        if "epochs" in given and "iterations" not in given:
+            settings.iterations = None
+        return settings
+
+    def total_iterations(self, train_images: int, world: int) -> int:
+        """Optimiser steps: ``iterations``, else ``epochs`` over the training images."""
+        if self.iterations is not None:
+            return self.iterations
+        assert self.epochs is not None  # check() refuses neither
+        return max(1, math.ceil(self.epochs * train_images / (self.batch_size * world)))
 
 
 def detection_settings(raw: dict[str, Any] | None) -> DetectionSettings:

@@ -198,6 +198,13 @@ class ResolvedPretraining:
 SUITE_DEFAULT = "suite default"
 CARD_MODEL = ("name", "img_size", "patch_size", "in_chans", "kwargs", "position", "init")
 CARD_DATA = ("dataset", "crop_ratio", "hflip")
+# What each JPEG decode is (the card names it beside where the value came from).
+DECODE_SOURCES = {
+    "full": "every pixel decoded, then RandomResizedCrop, as the official pipelines do (MAE "
+    "main_pretrain.py:124, ROPIM data/data_ropim.py:74-75, SimMIM data/data_simmim.py)",
+    "scaled": "a suite option: libjpeg-turbo decodes each crop at 1/2-1/8 scale where the crop "
+    "allows (faster; not the official decode, docs/recipes.md)",
+}
 CARD_TRAIN = ("epochs", "batch_size")
 
 
@@ -224,6 +231,9 @@ def resolve_pretraining(
             card.set(
                 f"{section}.{key}", getattr(getattr(cfg, section), key), source(f"{section}.{key}")
             )
+    if cfg.data.dataset == "imagefolder":  # the bundled digits are no JPEGs
+        decode = cfg.data.decode
+        card.set("data.decode", decode, f"{source('data.decode')}: {DECODE_SOURCES[decode]}")
     card.merge(owned)
     built = f"built from model.name {cfg.model.name!r} and model.kwargs"
     for key, value in method.backbone.facts().items():
@@ -476,7 +486,7 @@ def _after_training(
             record["reconstructions"] = f"skipped ({note})"
             fabric.print(
                 f"note: reconstructions.png skipped: {method.name}'s reconstruct hook could "
-                f"not draw its prediction ({note}); override reconstruct() (docs/methods.md)"
+                f"not draw its prediction ({note}); override reconstruct() (`ropim docs methods`)"
             )
     if cfg.probe.enabled:
         record["probe"] = _run_probe(cfg, method, fabric, images)

@@ -70,6 +70,9 @@ def progress_every_s() -> float:
     return float(os.environ.get("ROPIM_PROGRESS_EVERY_S", "10"))
 
 
+PLURALS = {"batch": "batches"}  # the units used here whose plural is not unit + "s"
+
+
 def tracked(
     items: Iterable[T],
     total: int,
@@ -108,7 +111,7 @@ def tracked(
             elapsed = now - started
             eta = elapsed / done * max(total - done, 0)
             extra = f" | {note()}" if note is not None else ""
-            units = unit + ("es" if unit.endswith(("ch", "sh", "s")) else "s")
+            units = PLURALS.get(unit, unit + "s")  # not "epoches"
             print(
                 f"{desc}: {done}/{total} {units} ({100 * done / max(total, 1):.0f}%){extra} "
                 f"| {done / max(elapsed, 1e-9):.1f} {units}/s | elapsed {_clock(elapsed)} "

@@ -171,6 +171,16 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
+def code_label(code: dict[str, Any] | None) -> str:
+    """The code a run came from, in one token: the commit in a checkout, else the installed
+    package's version (an install from a wheel has no commit)."""
+    code = code or {}
+    if code.get("git_commit"):
+        return str(code["git_commit"])
+    version = code.get("package_version")
+    return f"{PACKAGE}=={version}" if version else "unknown"
+
+
 def code_version(files: Sequence[str | Path] = ()) -> dict[str, Any]:
     """The package version always; the suite's commit and dirty flag only from its own
     checkout (None otherwise, never another repository's commit). ``files``: the method and

@@ -50,7 +50,7 @@ def _srun_world() -> tuple[int, int] | None:
         raise ConfigError(
             f"SLURM_NTASKS={tasks} but this process was not started by srun (no SLURM_STEP_ID/"
             f"SLURM_PROCID): start it as 'srun python -m ropim ...' so the {tasks} tasks form "
-            f"one world (docs/clusters.md), or request one task"
+            f"one world (`ropim docs clusters`), or request one task"
         )
     nodes = int(os.environ.get("SLURM_NNODES", os.environ.get("SLURM_JOB_NUM_NODES", "1")))
     if tasks % nodes:

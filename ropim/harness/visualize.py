@@ -40,13 +40,20 @@ def save_reconstructions(
         "reconstruction": method.reconstruct(out.prediction.float(), images, out.state),
     }
     n = images.shape[0]
+    # Grey images (every channel equal, as the digits are) are drawn grey in every row: a
+    # decoder predicts each channel on its own, and its small per-channel differences would
+    # otherwise show as coloured noise that is not in the data.
+    grey = images.shape[1] == 1 or bool(torch.allclose(images[:, :1].expand_as(images), images))
     fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.4 * len(rows)), squeeze=False)
     for r, (label, batch) in enumerate(rows.items()):
         shown = _to_display(batch.float().cpu(), mean, std).numpy()
         for c in range(n):
             ax = axes[r][c]
             image = shown[c]
-            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
+            if grey:
+                ax.imshow(image.mean(axis=-1), cmap="gray", vmin=0.0, vmax=1.0)
+            else:
+                ax.imshow(image)
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(label, fontsize=8)

@@ -41,7 +41,8 @@ class ROPIM(MaskingMethod):
             "betas": "ROPIM ropim_pretrain__vit_base.yaml:26",
             "weight_decay": "ROPIM ropim_pretrain__vit_base.yaml:22",
             "clip_grad": "ROPIM config.py:85, main_ropim.py:156-157",
-            "base_min_lr": "ROPIM main_ropim.py:209-211, lr_scheduler.py:22-31",
+            "base_min_lr": "ROPIM config.py:83 (5e-6, per 512 images: main_ropim.py:211), "
+            "lr_scheduler.py:22-31",
             "schedule": "ROPIM lr_scheduler.py:22-31",
             "base_warmup_lr": "ROPIM ropim_pretrain__vit_base.yaml:21, main_ropim.py:210 "
             "(per 512 images)",

@@ -8,6 +8,7 @@ scaled up onto a tinted, noisy canvas, quality 90), so the benchmark needs no do
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,29 +28,39 @@ from ropim.harness.registry import method_class
 JPEG_SIZE = (500, 375)  # ImageNet's most common size
 
 
-def make_jpeg_folder(folder: str | Path, count: int = 200, classes: int = 4) -> Path:
-    """``<folder>/train/<class>/<i>.jpg`` at 500×375; reused when already complete."""
+def make_jpeg_folder(
+    folder: str | Path,
+    count: int = 200,
+    classes: int = 4,
+    jpeg_size: tuple[int, int] = JPEG_SIZE,
+) -> Path:
+    """``<folder>/train/<class>/<i>.jpg`` at ``jpeg_size`` (width, height; 500×375 by
+    default); reused when already complete at that count and size."""
     root = Path(folder)
     done = root / "complete.txt"
-    if done.is_file() and done.read_text() == f"{count} {classes}":
+    width, height = jpeg_size
+    stamp = f"{count} {classes} {width}x{height}"
+    if done.is_file() and done.read_text() == stamp:
         return root
+    shutil.rmtree(root / "train", ignore_errors=True)
+    side = min(300, int(0.8 * min(width, height)))
     digits = load_images(DataSection(dataset="mnist"), "train")
     rng = np.random.default_rng(0)
     for index in range(count):
         pixels, _ = digits[index]
-        digit = Image.fromarray(pixels.squeeze(0).numpy()).resize((300, 300), Image.BICUBIC)
+        digit = Image.fromarray(pixels.squeeze(0).numpy()).resize((side, side), Image.BICUBIC)
         tint = rng.uniform(40, 200, size=3)
-        canvas = rng.normal(0, 25, size=(JPEG_SIZE[1], JPEG_SIZE[0], 3)) + tint
-        ys = np.linspace(0, 1, JPEG_SIZE[1])[:, None, None]
+        canvas = rng.normal(0, 25, size=(height, width, 3)) + tint
+        ys = np.linspace(0, 1, height)[:, None, None]
         canvas += 60 * ys * rng.uniform(-1, 1, size=3)  # a smooth gradient, like a backdrop
-        left, top = rng.integers(0, JPEG_SIZE[0] - 300), rng.integers(0, JPEG_SIZE[1] - 300)
+        left, top = rng.integers(0, width - side + 1), rng.integers(0, height - side + 1)
         ink = np.asarray(digit, dtype=np.float64)[..., None] / 255
-        region = canvas[top : top + 300, left : left + 300]
-        canvas[top : top + 300, left : left + 300] = region * (1 - ink) + 255 * ink
+        region = canvas[top : top + side, left : left + side]
+        canvas[top : top + side, left : left + side] = region * (1 - ink) + 255 * ink
         out = root / "train" / f"class{index % classes}" / f"{index:05d}.jpg"
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(canvas.clip(0, 255).astype(np.uint8)).save(out, quality=90)
-    done.write_text(f"{count} {classes}")
+    done.write_text(stamp)
     return root
 
 
@@ -132,11 +143,15 @@ VIEW_METHODS = ("mae", "ropim")
 
 
 def bench_data(
-    folder: str | Path, img_size: int = 224, count: int = 200, workers: int | None = None
+    folder: str | Path,
+    img_size: int = 224,
+    count: int = 200,
+    workers: int | None = None,
+    jpeg_size: tuple[int, int] = JPEG_SIZE,
 ) -> list[dict[str, Any]]:
     """Rows per decode path (``full``, ``scaled``) and recipe view: views/s on one core, the
     path's decoder alone on one core, their ratio, and views/s with ``workers`` processes."""
-    root = make_jpeg_folder(folder, count)
+    root = make_jpeg_folder(folder, count, jpeg_size=jpeg_size)
     workers = workers or torch.multiprocessing.cpu_count()
     paths = sorted(str(p) for p in (root / "train").rglob("*.jpg"))
     threads = torch.get_num_threads()
@@ -168,6 +183,7 @@ def bench_data(
                         "path": path,
                         "view": f"{view} ({interpolation}, crop {scale[0]}-{scale[1]})",
                         "img_size": img_size,
+                        "jpeg_size": f"{jpeg_size[0]}x{jpeg_size[1]}",
                         "loader_per_core": per_core,
                         "decode_per_core": decoded,
                         "ratio": per_core / decoded,

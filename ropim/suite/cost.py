@@ -100,7 +100,7 @@ def format_cost(rows: list[dict[str, Any]]) -> str:
     lines.append(
         f"GPU-hours at {first.get('mfu', MEASURED_MFU):.1%} model-FLOPs utilisation of one "
         f"{first.get('gpu', 'H100')}'s bf16 peak (--mfu; the default is the suite's H100 "
-        f"measurement, docs/benchmarks.md); FLOPs counted forward + backward "
+        f"measurement, `ropim docs benchmarks`); FLOPs counted forward + backward "
         f"(ropim.harness.flops), {rows[0]['images_per_epoch'] or '?'} images per epoch."
         if rows
         else "no method"

@@ -10,6 +10,7 @@ from typing import Any
 
 from ropim.harness.config import load_config
 from ropim.harness.records import (
+    code_label,
     code_version,
     loaded_module_files,
     read_run_record,
@@ -44,7 +45,7 @@ class RunRows:
             "pretrain_images_per_s": round(record["images_per_s"], 2),
             "task": task,
             "seed": record["seed"],
-            "code_version": (record.get("code") or {}).get("git_commit"),
+            "code_version": code_label(record.get("code")),
         }
         self.rows: list[dict[str, Any]] = []
         self.code_files: list[Path] = []  # the task's modules, recorded in <task>.json

@@ -21,7 +21,7 @@ from downstream.encoder import load_pretrained_encoder, pretrained_checkpoint
 from ropim.harness.data.datasets import dataset_stats
 from ropim.harness.data.transforms import EVAL_INTERPOLATION, eval_resize
 from ropim.harness.errors import ConfigError
-from ropim.harness.records import read_run_record
+from ropim.harness.records import code_label, read_run_record
 from ropim.suite.external import model_args_record
 from ropim.suite.results import read_results
 
@@ -150,7 +150,7 @@ def _model_card(run_dir: Path, record: dict[str, Any], results_path: str | Path)
         f"{optim['warmup_epochs']} epochs, betas {optim['betas']}, weight decay "
         f"{optim['weight_decay']}, clip {optim['clip_grad']}, min lr {optim['min_lr']}",
         f"- published recipe: {recipe.get('source', '')}",
-        f"- code: {code.get('git_commit')} (dirty: {code.get('git_dirty')})",
+        f"- code: {code_label(code)} (dirty: {code.get('git_dirty')})",
         "",
         "## Downstream scores of this run",
         "",

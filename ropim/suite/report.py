@@ -12,17 +12,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from ropim.harness.registry import available_methods, method_class  # noqa: E402
-from ropim.harness.tasks import TaskSpec  # noqa: E402
-from ropim.suite.compare import RANDOM_INIT  # noqa: E402
-from ropim.suite.stats import paired_table, summary_sentences  # noqa: E402
+from ropim.harness.registry import available_methods, method_class
+from ropim.harness.tasks import TaskSpec
+from ropim.suite import report_figures as figures_of
+from ropim.suite.compare import RANDOM_INIT
+from ropim.suite.report_csv import numeric_table, paired_rows
+from ropim.suite.stats import paired_table, summary_sentences
 
 
 def headline_titles(tasks: Sequence[TaskSpec]) -> dict[tuple[str, str, str], str]:
@@ -195,26 +192,6 @@ def build_table(
     return table
 
 
-def with_numbers(table: pd.DataFrame, rows: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
-    """The table plus numeric ``<measure> mean``/``sd``/``n`` columns beside each display
-    string, for readers that compute (the markdown keeps the strings alone)."""
-    out = table.copy()
-    if rows.empty:
-        return out
-    stats = rows.groupby(["measure", "method"])["value"].agg(["mean", "std", "count"])
-    for measure in dict.fromkeys(rows["measure"]):
-        if measure not in out.columns:
-            continue
-        place = list(out.columns).index(measure) + 1
-        for offset, (name, column) in enumerate((("mean", "mean"), ("sd", "std"), ("n", "count"))):
-            values = [
-                stats.loc[(measure, m), column] if (measure, m) in stats.index else None
-                for m in methods
-            ]
-            out.insert(place + offset, f"{measure} {name}", values)
-    return out
-
-
 def _measured_tasks(rows: pd.DataFrame, tasks: Sequence[TaskSpec]) -> set[str]:
     """Tasks with rows; with none yet, the tasks that always run."""
     if len(rows):
@@ -264,8 +241,13 @@ def write_report(
             [f"{spent[m]:.3g}" if m in spent.index and spent[m] > 0 else "" for m in methods],
         )
     rows = headline_rows(results, comparison, tasks)
-    with_numbers(table, rows, methods).to_csv(out_dir / f"table2_{scale}.csv")
-    figures = _figures(rows, out_dir, scale) if len(rows) else []
+    numeric_table(table, rows, methods, tasks).to_csv(out_dir / f"table2_{scale}.csv")
+    figures = (
+        [figures_of.scores(rows, methods, out_dir, scale),
+         figures_of.accuracy_vs_time(rows, methods, out_dir, scale)]
+        if len(rows)
+        else []
+    )  # fmt: skip
     kinds = {"epochs": "equal epochs", "flops": "equal compute", "seconds": "equal time"}
     title = (
         f"under one budget ({kinds.get(budget, budget)})"
@@ -277,7 +259,12 @@ def write_report(
         lines += [header, ""]
     lines += [table.to_markdown(), ""]
     lines += _paired_section(
-        rows, methods, list(dict.fromkeys(rows["measure"])) if len(rows) else [], out_dir, scale
+        rows,
+        methods,
+        list(dict.fromkeys(rows["measure"])) if len(rows) else [],
+        out_dir,
+        scale,
+        tasks,
     )
     if RANDOM_INIT in methods:
         lines += [
@@ -309,7 +296,7 @@ def write_report(
             lines.append("")
     if curves is not None and len(curves):
         metric = curve_metric if curve_metric in curves else _first_knn(curves)
-        figures.append(_learning_curves(curves, out_dir, scale, metric))
+        figures.append(figures_of.learning_curves(curves, methods, out_dir, scale, metric))
         lines += [
             f"Learning curves: k-NN top-1 ({metric.removeprefix('knn_')} features) on the "
             "validation split during pre-training (probe.knn_every; step 0 is the encoder "
@@ -318,7 +305,7 @@ def write_report(
             "",
         ]
         if "training_flops" in curves and curves["training_flops"].notna().any():
-            figures.append(_accuracy_vs_flops(curves, out_dir, scale, metric))
+            figures.append(figures_of.accuracy_vs_flops(curves, methods, out_dir, scale, metric))
             lines += [
                 "Accuracy against training FLOPs (log scale): the same k-NN curves against "
                 "the FLOPs each run had spent (its counted FLOPs per step x steps; run.json "
@@ -326,7 +313,9 @@ def write_report(
                 "same on every machine.",
                 "",
             ]
-        lines += _equal_time_section(curves, metric, methods, out_dir, scale)
+        if budget != "flops":  # under a FLOPs budget every run ends at the same compute
+            lines += _equal_budget_section(curves, metric, methods, out_dir, scale, "flops")
+        lines += _equal_budget_section(curves, metric, methods, out_dir, scale, "seconds")
     lines += [f"![{name}]({name})" for name in figures]
     path = out_dir / f"table2_{scale}.md"
     path.write_text("\n".join(lines) + "\n")
@@ -334,7 +323,12 @@ def write_report(
 
 
 def _paired_section(
-    rows: pd.DataFrame, methods: list[str], measures: list[str], out_dir: Path, scale: str
+    rows: pd.DataFrame,
+    methods: list[str],
+    measures: list[str],
+    out_dir: Path,
+    scale: str,
+    tasks: Sequence[TaskSpec],
 ) -> list[str]:
     """Per-seed paired differences against the first method (ROPIM in the presets) and, when
     the comparison has it, the random-initialisation floor, with 95% Student-t intervals; the
@@ -343,10 +337,8 @@ def _paired_section(
     table, differences = paired_table(rows, methods, references, measures)
     if not differences:
         return []
-    pd.DataFrame([d.numbers() for d in differences]).to_csv(
-        out_dir / f"table2_{scale}_paired.csv", index=False
-    )
-    forest = _forest_plot(differences, out_dir, scale)
+    paired_rows(differences, tasks).to_csv(out_dir / f"table2_{scale}_paired.csv", index=False)
+    forest = figures_of.forest(pd.DataFrame([d.numbers() for d in differences]), out_dir, scale)
     return [
         f"![paired differences]({forest})",
         "",
@@ -360,66 +352,68 @@ def _paired_section(
     ]
 
 
-def _forest_plot(differences: list, out_dir: Path, scale: str) -> str:
-    """Each paired difference with its 95% interval, one panel per measure, a line at zero:
-    the report's claims at a glance (an interval crossing zero supports no difference)."""
-    frame = pd.DataFrame([d.numbers() for d in differences])
-    measures = list(dict.fromkeys(frame["measure"]))
-    pairs = list(dict.fromkeys(frame["difference"]))
-    figure, axes = plt.subplots(
-        1, len(measures), figsize=(3.6 * len(measures), 0.45 * len(pairs) + 1.4), sharey=True,
-        squeeze=False,
-    )  # fmt: skip
-    for ax, measure in zip(axes[0], measures, strict=True):
-        part = frame[frame["measure"] == measure].set_index("difference").reindex(pairs)
-        y = list(range(len(pairs)))
-        for row, (_, d) in zip(y, part.iterrows(), strict=True):
-            if pd.isna(d["mean"]):
-                continue
-            color = {"better": "tab:green", "worse": "tab:red"}.get(d["verdict"], "tab:gray")
-            if pd.notna(d["low"]) and d["high"] > d["low"]:
-                ax.plot([d["low"], d["high"]], [row, row], color=color, linewidth=2)
-            ax.plot(d["mean"], row, "o", color=color)
-        ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_yticks(y, pairs)
-        ax.invert_yaxis()
-        ax.set_title(measure, fontsize=9)
-        ax.set_xlabel("difference (points), 95% CI")
-    figure.tight_layout()
-    name = f"table2_{scale}_forest.png"
-    figure.savefig(out_dir / name, dpi=110)
-    plt.close(figure)
-    return name
-
-
 def _first_knn(curves: pd.DataFrame) -> str:
     return next(c for c in curves.columns if str(c).startswith("knn_"))
 
 
-def equal_time_rows(curves: pd.DataFrame, metric: str, methods: list[str]) -> pd.DataFrame:
-    """Each pre-trained run's k-NN at the training time every run reached (the least total
-    training seconds of any run): its last monitor point at or before that time, never an
+# The views of the k-NN curves at one shared budget: (curve column, label, CSV column).
+EQUAL_VIEWS = {
+    "seconds": ("train_seconds", "Equal time", "at_seconds"),
+    "flops": ("training_flops", "Equal compute", "at_training_flops"),
+}
+
+
+def equal_budget_rows(
+    curves: pd.DataFrame, metric: str, methods: list[str], kind: str = "seconds"
+) -> pd.DataFrame:
+    """Each pre-trained run's k-NN at the budget every run reached (the least total training
+    seconds, or training FLOPs, of any run): its last monitor point at or before it, never an
     interpolation. The random-init floor is each seed's step-0 point (the shared encoder
-    before training). Columns: method, seed, measure, value (%), epoch, seconds."""
-    budget = float(curves.groupby(["method", "seed"])["train_seconds"].max().min())
-    reached = curves[curves["train_seconds"] <= budget + 1e-9].sort_values("train_seconds")
+    before training). Columns: method, seed, measure, value (%), epoch, budget."""
+    column = EQUAL_VIEWS[kind][0]
+    budget = float(curves.groupby(["method", "seed"])[column].max().min())
+    reached = curves[curves[column] <= budget * (1 + 1e-9) + 1e-9].sort_values(column)
     rows = reached.groupby(["method", "seed"]).tail(1)
     if RANDOM_INIT in methods:
         first = curves[curves["method"] == curves["method"].iloc[0]]
         floor = first[first["step"] == 0].assign(method=RANDOM_INIT)
         rows = pd.concat([rows, floor], ignore_index=True)
-    measure = f"k-NN top-1 at {budget:.0f} s (%)"
-    return rows.assign(measure=measure, value=rows[metric] * 100, seconds=budget)[
-        ["method", "seed", "measure", "value", "epoch", "seconds"]
+    shown = f"{budget:.0f} s" if kind == "seconds" else f"{budget:.3g} FLOPs"
+    measure = f"k-NN top-1 at {shown} (%)"
+    return rows.assign(measure=measure, value=rows[metric] * 100, budget=budget)[
+        ["method", "seed", "measure", "value", "epoch", "budget"]
     ]
 
 
-def _equal_time_section(
-    curves: pd.DataFrame, metric: str, methods: list[str], out_dir: Path, scale: str
+def equal_time_rows(curves: pd.DataFrame, metric: str, methods: list[str]) -> pd.DataFrame:
+    """:func:`equal_budget_rows` at the shortest run's training seconds."""
+    rows = equal_budget_rows(curves, metric, methods, "seconds")
+    return rows.rename(columns={"budget": "seconds"})
+
+
+EQUAL_VIEW_TEXT = {
+    "seconds": "(machine-specific: seconds differ between machines, FLOPs do not): the same "
+    "comparison after {shown} of pre-training (the shortest run's total), from the k-NN "
+    "curves: each run's last monitor point at or before that time. Methods that are cheaper "
+    "per epoch have seen more epochs.",
+    "flops": "(from the curves; the same on every machine): each run's k-NN at {shown}, the "
+    "training FLOPs the cheapest run spent in all, its last monitor point at or before them. "
+    "The costlier methods are read mid-schedule there (their learning rate had not decayed "
+    "yet); `train.flops_budget` gives every method that compute with its schedule run to its "
+    "end (`make reproduce-table2 SCALE=smoke_compute`).",
+}
+
+
+def _equal_budget_section(
+    curves: pd.DataFrame, metric: str, methods: list[str], out_dir: Path, scale: str, kind: str
 ) -> list[str]:
-    """The equal-time view beside the equal-epoch table: what each method reached after the
-    same pre-training seconds, with paired differences as in the main table."""
-    rows = equal_time_rows(curves, metric, methods)
+    """An equal-time or equal-compute view beside the equal-epoch table: what each method
+    reached at the same pre-training seconds or FLOPs, with paired differences as in the main
+    table."""
+    column, label, csv_column = EQUAL_VIEWS[kind]
+    if column not in curves or curves[column].isna().all():
+        return []
+    rows = equal_budget_rows(curves.dropna(subset=[column]), metric, methods, kind)
     if rows.empty:
         return []
     measure = rows["measure"].iloc[0]
@@ -437,14 +431,22 @@ def _equal_time_section(
         },
         index=pd.Index(present, name="method"),
     )
-    table.to_csv(out_dir / f"table2_{scale}_equal_time.csv")
+    name = "equal_time" if kind == "seconds" else "equal_compute"
+    pd.DataFrame(
+        {
+            "method": present,
+            "knn_top1_mean": [summary.loc[m, "value"] for m in present],
+            "knn_top1_sd": [summary.loc[m, "sd"] for m in present],
+            "knn_top1_n": [int(summary.loc[m, "n"]) for m in present],
+            csv_column: rows["budget"].iloc[0],
+            "epochs_reached": [summary.loc[m, "epoch"] for m in present],
+        }
+    ).to_csv(out_dir / f"table2_{scale}_{name}.csv", index=False)
     references = [*present[:1], *[m for m in present[1:] if m == RANDOM_INIT]]
     paired, differences = paired_table(rows, present, references, [measure])
+    shown = measure.removeprefix("k-NN top-1 at ").removesuffix(" (%)")
     return [
-        f"Equal time (machine-specific: seconds differ between machines, FLOPs do not): the "
-        f"same comparison after {rows['seconds'].iloc[0]:.0f} s of pre-training "
-        "(the shortest run's total), from the k-NN curves: each run's last monitor point at or "
-        "before that time. Methods that are cheaper per epoch have seen more epochs.",
+        f"{label} " + EQUAL_VIEW_TEXT[kind].format(shown=shown),
         "",
         table.to_markdown(),
         "",
@@ -453,102 +455,3 @@ def _equal_time_section(
         *summary_sentences(differences),
         "",
     ]
-
-
-def _learning_curves(curves: pd.DataFrame, out_dir: Path, scale: str, metric: str) -> str:
-    """k-NN monitor against epochs and against seconds, per method and seed."""
-    long = pd.concat(
-        [
-            curves.assign(axis="pre-training epochs", x=curves["epoch"]),
-            curves.assign(axis="pre-training seconds", x=curves["train_seconds"]),
-        ]
-    ).assign(value=lambda f: f[metric] * 100, seed=lambda f: "seed " + f["seed"].astype(str))
-    grid = sns.relplot(
-        data=long,
-        x="x",
-        y="value",
-        hue="method",
-        style="seed",  # each seed its own dash and marker
-        estimator=None,
-        col="axis",
-        kind="line",
-        markers=True,
-        height=3.2,
-        facet_kws={"sharex": False},
-    )
-    floor = curves[curves["step"] == 0][metric].mean() * 100  # the encoder before training
-    for axis_name, ax in grid.axes_dict.items():
-        ax.axhline(floor, color="black", linestyle=":", linewidth=1)
-        ax.set_xlabel(axis_name)
-    grid.set_titles("k-NN during pre-training (dotted: step 0, the random-init floor)", size=8)
-    grid.set_ylabels(f"k-NN top-1 (%, {metric.removeprefix('knn_')} features)")
-    name = f"table2_{scale}_learning_curves.png"
-    grid.savefig(out_dir / name, dpi=110)
-    plt.close(grid.figure)
-    return name
-
-
-def _accuracy_vs_flops(curves: pd.DataFrame, out_dir: Path, scale: str, metric: str) -> str:
-    """k-NN during pre-training against training FLOPs spent (log x), one line per seed."""
-    data = curves[curves["training_flops"] > 0].assign(
-        value=lambda f: f[metric] * 100, seed=lambda f: "seed " + f["seed"].astype(str)
-    )
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    sns.lineplot(
-        data=data,
-        x="training_flops",
-        y="value",
-        hue="method",
-        style="seed",
-        estimator=None,
-        markers=True,
-        ax=ax,
-    )
-    floor = curves[curves["step"] == 0][metric].mean() * 100
-    ax.axhline(floor, color="black", linestyle=":", linewidth=1, label="step 0 (floor)")
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs spent (counted, all devices)")
-    ax.set_ylabel(f"k-NN top-1 (%, {metric.removeprefix('knn_')} features)")
-    ax.set_title("k-NN against pre-training compute; each line ends at its run's total", size=9)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    name = f"table2_{scale}_accuracy_vs_flops.png"
-    fig.savefig(out_dir / name, dpi=110)
-    plt.close(fig)
-    return name
-
-
-def _figures(rows: pd.DataFrame, out_dir: Path, scale: str) -> list[str]:
-    sns.set_theme(style="whitegrid")
-    time_plot = sns.relplot(
-        data=rows,
-        x="pretrain_seconds",
-        y="value",
-        hue="method",
-        col="measure",
-        col_wrap=min(3, rows["measure"].nunique()),  # no empty panels
-        kind="scatter",
-        height=3.2,
-        s=60,
-    )
-    time_plot.set_axis_labels("pre-training time (s)", "score (%)")
-    time_plot.set_titles("{col_name}")
-    time_name = f"table2_{scale}_accuracy_vs_time.png"
-    time_plot.savefig(out_dir / time_name, dpi=110)
-    plt.close(time_plot.figure)
-    bars = sns.catplot(
-        data=rows,
-        x="measure",
-        y="value",
-        hue="method",
-        kind="bar",
-        errorbar="sd",
-        height=3.5,
-        aspect=1.6,
-    )
-    bars.set_axis_labels("", "score (%), mean ± sd over seeds")
-    bars.ax.tick_params(axis="x", labelrotation=20)
-    bar_name = f"table2_{scale}_bars.png"
-    bars.savefig(out_dir / bar_name, dpi=110)
-    plt.close(bars.figure)
-    return [time_name, bar_name]

@@ -24,7 +24,7 @@ import pandas as pd
 from downstream.tasks import all_tasks, configured_tasks
 from ropim.harness.claims import WorkUnit, share_work
 from ropim.harness.errors import DataError
-from ropim.harness.records import code_version, write_json
+from ropim.harness.records import code_label, code_version, write_json
 from ropim.harness.tasks import TaskSettings, TaskSpec
 from ropim.suite.compare import (
     check_methods,
@@ -36,6 +36,7 @@ from ropim.suite.compare import (
 from ropim.suite.evaluate import evaluate_run
 from ropim.suite.report import probe_protocol, write_report
 from ropim.suite.results import read_results
+from ropim.suite.terminal import terminal_text
 
 
 def reproduce(
@@ -159,7 +160,7 @@ def report_comparison(
     command = " ".join(shlex.quote(a) for a in sys.argv) or "reproduce()"
     header = (
         f"Produced by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d} "
-        f"({os.cpu_count()} CPU cores, {platform.machine()}, code {code_version()['git_commit']}). "
+        f"({os.cpu_count()} CPU cores, {platform.machine()}, code {code_label(code_version())}). "
     )
     if section.get("mode") == "published_recipe":
         header += (
@@ -205,10 +206,19 @@ def report_comparison(
         probe=probe_protocol(raw),
         budget=budget_kind(planned[0].config.train),
     )
-    text = [line for line in path.read_text().splitlines() if not line.startswith("![")]
-    print("\n".join(text))  # the table and what it supports, where the run ends
-    print(f"report: {path}")
+    print(terminal_text(_headline_part(path.read_text())), end="")  # where the run ends
+    print(f"report: {path} (the full table, sources, curves and figures)")
     return path
+
+
+# Where the report's headline part (the table and what its intervals support) ends.
+HEADLINE_ENDS = ("`random_init` is the same encoder", "Published values are", "Learning curves")
+
+
+def _headline_part(markdown: str) -> str:
+    lines = markdown.splitlines()
+    end = next((i for i, line in enumerate(lines) if line.startswith(HEADLINE_ENDS)), len(lines))
+    return "\n".join(lines[:end])
 
 
 def budget_kind(train: Any) -> str:
