@@ -101,6 +101,38 @@ def test_the_wheel_runs_a_bundled_preset_from_inside_another_repository(tmp_path
     )
     assert where.stdout.startswith(str(target))  # the installed copy ran, not the checkout
 
+    def installed(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "ropim", *args], cwd=other, env=env, capture_output=True,
+            text=True,
+        )  # fmt: skip
+
+    # The documentation travels with the package.
+    pages = installed("docs")
+    assert pages.returncode == 0 and "recipes" in pages.stdout and "clusters" in pages.stdout
+    page = installed("docs", "recipes")
+    assert page.returncode == 0 and page.stdout.startswith("# ") and "ROPIM" in page.stdout
+    assert installed("slurm", "single_node").stdout.startswith("#!/bin/bash")
+    # Rows recorded from an installed copy carry the package version (there is no commit).
+    results = tmp_path / "results.csv"
+    evaluated = installed(
+        "evaluate", str(tmp_path / "runs" / "ropim_tiny"), "--results", str(results),
+        "--set", "classification.protocols=[knn]",
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    rows = results.read_text().splitlines()
+    assert len(rows) > 1 and all(",ropim-bench==0.2.0," in row for row in rows[1:])
+    # check-data takes a folder alone.
+    from PIL import Image
+
+    for label in ("a", "b"):
+        folder = tmp_path / "images" / "train" / label
+        folder.mkdir(parents=True)
+        for index in range(3):
+            Image.new("RGB", (16, 16), (40 * index, 90, 10)).save(folder / f"{index}.jpg")
+    checked = installed("check-data", str(tmp_path / "images" / "train"))
+    assert checked.returncode == 0 and "ok: every image decodes" in checked.stdout
+
 
 def test_the_hub_is_offline_before_any_library_reads_its_settings():
     """huggingface_hub reads HF_HUB_OFFLINE once, at import: importing the suite sets it first,
