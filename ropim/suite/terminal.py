@@ -64,8 +64,7 @@ def terminal_text(markdown: str, width: int = WIDTH) -> str:
         index += 1
         if line.startswith("!["):
             continue
-        if line.startswith("- "):
-            out += textwrap.wrap(line, width, subsequent_indent="  ") or [""]
-        else:
-            out += textwrap.wrap(line, width) or [""]
-    return "\n".join(out).rstrip() + "\n"
+        indent = "  " if line.startswith("- ") else ""  # a bullet's lines hang under it
+        out += textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False) or [""]
+    kept = [line for i, line in enumerate(out) if line or (i > 0 and out[i - 1])]
+    return "\n".join(kept).rstrip() + "\n"  # at most one blank line in a row
