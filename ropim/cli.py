@@ -384,8 +384,6 @@ def _slurm(args: argparse.Namespace) -> int:
         return 0
     text = slurm_script(args.script).read_text()
     if args.out:
-        from pathlib import Path
-
         out = Path(args.out)
         out.write_text(text)
         out.chmod(0o755)
@@ -491,8 +489,6 @@ def _print_config(path: str, overrides: list[str]) -> int:
 
 
 def _check_data(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ropim.harness.config import load_config
     from ropim.harness.data_check import check_folder, describe
 
@@ -622,8 +618,6 @@ def _bench_data(args: argparse.Namespace) -> int:
 
 
 def _bench_loop(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ropim.harness.config import load_config
     from ropim.suite.bench import harness_vs_plain
 

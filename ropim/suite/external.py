@@ -86,8 +86,7 @@ def _local_dir(spec: str) -> tuple[dict[str, Tensor], str, dict[str, Any], dict[
         raise ConfigError(f"--weights {spec}: {config_file} needs 'architecture' and 'model_args'")
     exported = saved.get(EXPORT_ARGS_KEY)
     if exported is not None and exported != args:
-        changed = sorted(k for k in set(args) | set(exported) if args.get(k) != exported.get(k))
-        detail = ", ".join(f"{k} {exported.get(k)!r} -> {args.get(k)!r}" for k in changed)
+        detail = _changes(exported, args)
         raise ConfigError(
             f"--weights {spec}: {config_file} was edited after export ({detail}); these "
             f"weights were trained as {exported}: restore model_args"
@@ -113,6 +112,12 @@ def _local_dir(spec: str) -> tuple[dict[str, Tensor], str, dict[str, Any], dict[
     return tensors, architecture, args, pretrained, weights_file
 
 
+def _changes(exported: dict[str, Any], args: dict[str, Any]) -> str:
+    """``key old -> new`` for each model argument edited since the export."""
+    changed = sorted(k for k in set(args) | set(exported) if args.get(k) != exported.get(k))
+    return ", ".join(f"{k} {exported.get(k)!r} -> {args.get(k)!r}" for k in changed)
+
+
 def _check_exported_args(spec: str, weights_file: Path, args: dict[str, Any]) -> None:
     """Our exports also store the model arguments in the weights file's metadata: an edited
     config.json whose record was removed as well is still recognised."""
@@ -130,8 +135,7 @@ def _check_exported_args(spec: str, weights_file: Path, args: dict[str, Any]) ->
     except ValueError:
         return
     if exported != args:
-        changed = sorted(k for k in set(args) | set(exported) if args.get(k) != exported.get(k))
-        detail = ", ".join(f"{k} {exported.get(k)!r} -> {args.get(k)!r}" for k in changed)
+        detail = _changes(exported, args)
         raise ConfigError(
             f"--weights {spec}: config.json's model_args differ from those {weights_file.name} "
             f"was exported with ({detail}): restore model_args"

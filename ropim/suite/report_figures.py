@@ -216,26 +216,40 @@ def _curves_panel(
     ax.axhline(floor, **FLOOR_LINE)
 
 
+def _curves_figure(
+    curves: pd.DataFrame,
+    methods: Sequence[str],
+    metric: str,
+    axes_of: Sequence[tuple[str, str]],
+    title: str,
+    size: tuple[float, float],
+) -> plt.Figure:
+    """One panel of k-NN curves per (curve column, axis label), the floor and a legend."""
+    use_style()
+    colors = palette(methods)
+    figure, axes = _grid(len(axes_of), size[1], columns=len(axes_of))
+    figure.set_size_inches(*size)
+    for ax, (x, label) in zip(axes, axes_of, strict=True):
+        _curves_panel(ax, curves, x, metric, methods, colors)
+        if x == "training_flops":
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        _percent_limits(ax, curves[metric] * 100)
+    axes[0].set_ylabel(f"k-NN top-1 (%, {metric.removeprefix('knn_')} features)")
+    figure.suptitle(title, y=1.02)
+    present = [m for m in methods if m in set(curves["method"])]
+    _legend(figure, present, colors, sorted(curves["seed"].unique()), lines=True, columns=4)
+    figure.tight_layout()
+    return figure
+
+
 def learning_curves(
     curves: pd.DataFrame, methods: Sequence[str], out_dir: Path, scale: str, metric: str
 ) -> str:
     """k-NN during pre-training against epochs and against seconds (two panels)."""
-    use_style()
-    present = [m for m in methods if m in set(curves["method"])]
-    colors = palette(methods)
-    figure, axes = _grid(2, 3.2, columns=2)
-    for ax, (x, label) in zip(
-        axes,
-        (("epoch", "pre-training epochs"), ("train_seconds", "pre-training seconds")),
-        strict=True,
-    ):
-        _curves_panel(ax, curves, x, metric, methods, colors)
-        ax.set_xlabel(label)
-        _percent_limits(ax, curves[metric] * 100)
-    axes[0].set_ylabel(f"k-NN top-1 (%, {metric.removeprefix('knn_')} features)")
-    figure.suptitle("k-NN on the validation split during pre-training", y=1.02)
-    _legend(figure, present, colors, sorted(curves["seed"].unique()), lines=True, columns=4)
-    figure.tight_layout()
+    axes_of = [("epoch", "pre-training epochs"), ("train_seconds", "pre-training seconds")]
+    title = "k-NN on the validation split during pre-training"
+    figure = _curves_figure(curves, methods, metric, axes_of, title, (2 * PANEL_WIDTH, 3.2))
     return save(figure, out_dir, f"table2_{scale}_learning_curves")
 
 
@@ -243,17 +257,7 @@ def accuracy_vs_flops(
     curves: pd.DataFrame, methods: Sequence[str], out_dir: Path, scale: str, metric: str
 ) -> str:
     """The same curves against training FLOPs spent (log x), each ending at its run's total."""
-    use_style()
-    present = [m for m in methods if m in set(curves["method"])]
-    colors = palette(methods)
-    figure, (ax,) = _grid(1, 3.6, columns=1)
-    figure.set_size_inches(6.4, 3.6)
-    _curves_panel(ax, curves, "training_flops", metric, methods, colors)
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs spent (counted, all devices)")
-    ax.set_ylabel(f"k-NN top-1 (%, {metric.removeprefix('knn_')} features)")
-    _percent_limits(ax, curves[metric] * 100)
-    figure.suptitle("k-NN against pre-training compute", y=1.02)
-    _legend(figure, present, colors, sorted(curves["seed"].unique()), lines=True, columns=4)
-    figure.tight_layout()
+    axes_of = [("training_flops", "training FLOPs spent (counted, all devices)")]
+    title = "k-NN against pre-training compute"
+    figure = _curves_figure(curves, methods, metric, axes_of, title, (6.4, 3.6))
     return save(figure, out_dir, f"table2_{scale}_accuracy_vs_flops")
