@@ -385,6 +385,8 @@ def _slurm(args: argparse.Namespace) -> int:
     text = slurm_script(args.script).read_text()
     if args.out:
         out = Path(args.out)
+        if out.exists():  # a mistyped --out must not overwrite someone's file
+            raise ConfigError(f"--out {out} exists; choose a new file name for the script")
         out.write_text(text)
         out.chmod(0o755)
         print(f"wrote {out}: edit its #SBATCH lines, then sbatch {out}")

@@ -132,6 +132,7 @@ def test_the_packaged_sbatch_script_requeues_on_sigterm_and_the_requeued_job_res
 
     script = tmp_path / "job.sbatch"
     assert main(["slurm", "single_node", "--out", str(script)]) == 0
+    assert main(["slurm", "single_node", "--out", str(script)]) == 2  # never overwritten
     args = (
         "compare.seeds=[0] compare.random_init=false compare.tasks=[classification] "
         'classification.protocols=[knn] compare.methods={"ropim":{"method":{"ratio":0.25}}} '
